@@ -1,0 +1,129 @@
+"""Receiving envelopes, written once: decode, count and skip what is not an envelope.
+
+`Inbox` holds the no-I/O part; `SyncInbox` and `AsyncInbox` add only the receive call of
+their face. A bad message is counted in `stats.decode_errors`, logged (throttled) and
+skipped: a receive loop never dies of foreign bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import zmq
+
+from . import codec
+from ._logs import Throttled
+from ._socket import SocketOwner
+from .envelope import Envelope
+from .errors import DecodeError, ReceiveTimeout
+
+log = logging.getLogger("zfabric")
+
+
+@dataclass
+class Counters:
+    """Counters shared by every pattern object; subclasses add their own."""
+
+    sent: int = 0
+    received: int = 0
+    decode_errors: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        """A plain dict copy, for printing or JSON."""
+        return asdict(self)
+
+
+class Inbox(SocketOwner):
+    """The face-independent half of anything that receives envelopes."""
+
+    stats: Counters
+    _decode: Callable[[Sequence[bytes]], Envelope] = staticmethod(codec.decode)
+    _bad_log = Throttled(log)
+
+    _pending: deque[Envelope] | None = None
+    """Envelopes received while waiting for something else (a readiness probe), served first."""
+
+    def _accept(self, frames: list[bytes]) -> Envelope | None:
+        """The envelope in `frames`, or None (counted and logged) when they are not one."""
+        try:
+            env = self._decode(frames)
+        except DecodeError as exc:
+            self.stats.decode_errors += 1
+            self._bad_log.warning(f"{type(self).__name__}:{self.endpoint}", "%s on %s: %s", type(self).__name__, self.endpoint, exc)
+            return None
+        self.stats.received += 1
+        return self._after_accept(env)
+
+    def _after_accept(self, env: Envelope) -> Envelope | None:
+        """Hook for patterns that look at each envelope (sequence gaps, control topics)."""
+        return env
+
+
+def _remaining_ms(deadline: float) -> int:
+    """Milliseconds left until `deadline`, rounded up so a poll never spins; 0 once passed."""
+    left = deadline - time.monotonic()
+    return int(left * 1000) + 1 if left > 0 else 0
+
+
+class SyncInbox(Inbox):
+    """Blocking receive, with an optional timeout, and iteration."""
+
+    def receive(self, timeout: float | None = None) -> Envelope:
+        """The next valid envelope; raises ReceiveTimeout after `timeout` seconds (None: wait forever)."""
+        self._check_open()
+        if self._pending:
+            return self._pending.popleft()
+        sock = self._sock
+        if timeout is None:
+            while True:
+                env = self._accept(sock.recv_multipart())
+                if env is not None:
+                    return env
+        deadline = time.monotonic() + timeout
+        while True:
+            if not sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+                raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}")
+            env = self._accept(sock.recv_multipart(zmq.NOBLOCK))
+            if env is not None:
+                return env
+
+    def __iter__(self) -> Iterator[Envelope]:
+        while not self._closed:
+            yield self.receive()
+
+
+class AsyncInbox(Inbox):
+    """Awaitable receive, with an optional timeout, and `async for`."""
+
+    _asyncio = True
+
+    async def receive(self, timeout: float | None = None) -> Envelope:
+        """The next valid envelope; raises ReceiveTimeout after `timeout` seconds (None: wait forever)."""
+        self._check_open()
+        if self._pending:
+            return self._pending.popleft()
+        sock = self._sock
+        if timeout is None:
+            while True:
+                env = self._accept(await sock.recv_multipart())
+                if env is not None:
+                    return env
+        deadline = time.monotonic() + timeout
+        while True:
+            if not await sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+                raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}")
+            env = self._accept(await sock.recv_multipart(zmq.NOBLOCK))
+            if env is not None:
+                return env
+
+    def __aiter__(self) -> AsyncIterator[Envelope]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Envelope]:
+        while not self._closed:
+            yield await self.receive()
+

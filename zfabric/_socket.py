@@ -1,0 +1,218 @@
+"""The one place that builds and configures ZeroMQ sockets and contexts.
+
+Patterns speak in endpoints, options and envelopes; they ask this module for a socket.
+`zmq.ZMQError` from construction, options, bind and connect becomes `TransportError` here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, ClassVar
+
+import zmq
+import zmq.asyncio
+
+from .endpoint import Endpoint
+from .errors import ClosedError, ConfigError, TransportError
+from .options import DEFAULT_OPTIONS, SocketOptions
+
+log = logging.getLogger("zfabric")
+
+AnyContext = zmq.Context | zmq.asyncio.Context
+
+
+def context_for(context: AnyContext | None, asyncio: bool) -> tuple[zmq.Context, bool]:
+    """A context of the right face for a socket owner, and whether the owner made it.
+
+    A sync context passed to an asyncio object (or the reverse) is shadowed, not copied,
+    so both faces can share one context and its I/O thread.
+    """
+    if context is None:
+        return (zmq.asyncio.Context() if asyncio else zmq.Context()), True
+    if not isinstance(context, zmq.Context):
+        raise ConfigError(f"context must be a zmq.Context, got {type(context).__name__}")
+    if asyncio and not isinstance(context, zmq.asyncio.Context):
+        return zmq.asyncio.Context.shadow(context.underlying), False
+    if not asyncio and isinstance(context, zmq.asyncio.Context):
+        return zmq.Context.shadow(context.underlying), False
+    return context, False
+
+
+def open_socket(
+    context: zmq.Context,
+    socket_type: int,
+    endpoints: Sequence[Endpoint],
+    options: SocketOptions = DEFAULT_OPTIONS,
+    *,
+    tune: Mapping[int, Any] | None = None,
+    routing_ids: Sequence[bytes | None] | None = None,
+) -> tuple[zmq.Socket, list[str]]:
+    """A configured socket bound or connected to each endpoint, and the addresses it actually has.
+
+    `tune` holds pattern-specific options (IMMEDIATE, ROUTER_MANDATORY, ...); `routing_ids`
+    gives, per endpoint, the routing id a ROUTER uses for that connection.
+    """
+    try:
+        sock = context.socket(socket_type)
+    except zmq.ZMQError as exc:
+        raise TransportError(f"cannot create socket: {exc.strerror}", errno=exc.errno) from exc
+    current: Endpoint | None = None
+    try:
+        sock.setsockopt(zmq.LINGER, options.linger_ms)
+        sock.setsockopt(zmq.SNDHWM, options.send_hwm)
+        sock.setsockopt(zmq.RCVHWM, options.receive_hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
+        sock.setsockopt(zmq.RECONNECT_IVL, options.reconnect_ivl_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, options.reconnect_ivl_max_ms)
+        if options.heartbeat_ivl_ms:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, options.heartbeat_ivl_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, options.heartbeat_timeout_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, options.heartbeat_timeout_ms)
+        for opt, value in (tune or {}).items():
+            sock.setsockopt(opt, value)
+        actual: list[str] = []
+        for i, ep in enumerate(endpoints):
+            current = ep
+            if routing_ids is not None and routing_ids[i] is not None:
+                sock.setsockopt(zmq.CONNECT_ROUTING_ID, routing_ids[i])
+            if ep.bind:
+                sock.bind(ep.address)
+                actual.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            else:
+                sock.connect(ep.address)
+                actual.append(ep.address)
+        return sock, actual
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        where = current.address if current else None
+        verb = "bind" if current and current.bind else "connect" if current else "configure socket"
+        raise TransportError(f"cannot {verb}: {exc.strerror}", endpoint=where, errno=exc.errno) from exc
+
+
+class SocketOwner:
+    """Base of every pattern object: owns one socket and, if it made it, the context.
+
+    Subclasses name the socket type and tuning; the asyncio faces set `_asyncio = True`
+    and get a zmq.asyncio socket from the same code.
+    """
+
+    _asyncio: ClassVar[bool] = False
+    _socket_type: ClassVar[int]
+    _tune: ClassVar[Mapping[int, Any]] = {}
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        *,
+        options: SocketOptions | None = None,
+        context: AnyContext | None = None,
+        routing_ids: Sequence[bytes | None] | None = None,
+        tune: Mapping[int, Any] | None = None,
+    ) -> None:
+        self.options = options if options is not None else DEFAULT_OPTIONS
+        self._ctx, self._owns_ctx = context_for(context, self._asyncio)
+        self._closed = False
+        self._endpoint_specs = list(endpoints)
+        try:
+            self._sock, self.endpoints = open_socket(
+                self._ctx,
+                self._socket_type,
+                self._endpoint_specs,
+                self.options,
+                tune={**self._tune, **(tune or {})},
+                routing_ids=routing_ids,
+            )
+        except BaseException:
+            if self._owns_ctx:
+                self._ctx.term()
+            raise
+        self._warn_exposed()
+
+    @property
+    def endpoint(self) -> str:
+        """The first endpoint as actually bound or connected (a port 0 bind shows its real port)."""
+        return self.endpoints[0]
+
+    @property
+    def closed(self) -> bool:
+        """True once close() ran."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{type(self).__name__} is closed")
+
+    def _warn_exposed(self) -> None:
+        for ep in self._endpoint_specs:
+            if not ep.is_loopback:
+                log.warning("%s: %s is reachable beyond this host and traffic is not encrypted", type(self).__name__, ep.address)
+
+    def _close_sockets(self, linger_ms: int) -> None:
+        self._sock.close(linger_ms)
+
+    def close(self, linger_ms: int | None = None) -> None:
+        """Close the socket, waiting at most `linger_ms` (default: the options') to flush."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_sockets(self.options.linger_ms if linger_ms is None else linger_ms)
+        if self._owns_ctx:
+            self._ctx.term()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ", ".join(self.endpoints)
+        return f"<{type(self).__name__} {state}>"
+
+
+class PeerWatch:
+    """Counts a socket's live peers from its monitor events (handshake done minus disconnected).
+
+    Lets a sender wait until N peers are connected before a burst, instead of sleeping and
+    hoping (the first peer to connect would otherwise take the whole burst).
+    """
+
+    EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self._monitor = sock.get_monitor_socket(self.EVENTS)
+        self._monitor.setsockopt(zmq.RCVHWM, 0)
+        self._drain_sock = zmq.Socket.shadow(self._monitor.underlying)
+        self.peers = 0
+
+    def drain(self) -> int:
+        """Apply every pending monitor event; returns the live peer count."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            try:
+                msg = self._drain_sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return self.peers
+            event = parse_monitor_message(msg)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.peers += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.peers = max(0, self.peers - 1)
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """The monitor socket, for polling in either face."""
+        return self._monitor
+
+    def close(self) -> None:
+        """Close the monitor socket (call before the watched socket closes)."""
+        self._monitor.close(0)

@@ -1,0 +1,99 @@
+"""The zfabric exception tree: one root, a few categories, each error carrying its evidence.
+
+    FabricError
+    ├── ConfigError           bad endpoint, option or argument (names what and where)
+    ├── CodecError
+    │   ├── DecodeError       frames that are not a zfabric envelope (carries the raw frames)
+    │   └── EncodeError       a body msgpack cannot represent
+    ├── TransportError        a ZeroMQ call failed (carries the endpoint and errno)
+    ├── ClosedError           the object was closed
+    ├── FabricTimeout         (also a builtin TimeoutError)
+    │   ├── SendTimeout       back-pressure: the queue stayed full for the whole timeout
+    │   ├── ReceiveTimeout    nothing arrived in time
+    │   ├── ReadyTimeout      a subscription or subscriber count was not confirmed in time
+    │   └── RequestTimeout    no reply after every attempt
+    └── RemoteError           a replier's handler raised; carries the remote type and message
+
+`zmq.ZMQError` is translated into `TransportError` at the socket boundary (`zfabric._socket`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class FabricError(Exception):
+    """Root of every error zfabric raises on purpose."""
+
+
+class ConfigError(FabricError, ValueError):
+    """An endpoint, option or argument is invalid; the message names it."""
+
+
+class CodecError(FabricError):
+    """Encoding or decoding an envelope failed."""
+
+
+class DecodeError(CodecError):
+    """Frames that are not a valid zfabric envelope; `frames` holds them as received."""
+
+    def __init__(self, reason: str, frames: Sequence[bytes] = ()) -> None:
+        self.reason = reason
+        self.frames = [bytes(f) for f in frames]
+        sizes = ", ".join(str(len(f)) for f in self.frames[:8])
+        super().__init__(f"undecodable message: {reason} ({len(self.frames)} frame(s), sizes [{sizes}])")
+
+
+class EncodeError(CodecError, TypeError):
+    """A body or header value msgpack cannot encode."""
+
+
+class TransportError(FabricError):
+    """A ZeroMQ operation failed; carries the endpoint and errno."""
+
+    def __init__(self, message: str, *, endpoint: str | None = None, errno: int | None = None) -> None:
+        self.endpoint = endpoint
+        self.errno = errno
+        super().__init__(message if endpoint is None else f"{message} (endpoint {endpoint})")
+
+
+class ClosedError(FabricError):
+    """The socket owner was closed; no further I/O is possible."""
+
+
+class FabricTimeout(FabricError, TimeoutError):
+    """Something did not happen within the timeout the caller gave."""
+
+
+class SendTimeout(FabricTimeout):
+    """The peer's queue stayed full (high-water mark) for the whole send timeout; nothing was sent."""
+
+
+class ReceiveTimeout(FabricTimeout):
+    """No message arrived within the receive timeout."""
+
+
+class ReadyTimeout(FabricTimeout):
+    """A subscription or a subscriber count was not confirmed within the timeout."""
+
+
+class RequestTimeout(FabricTimeout):
+    """No reply arrived for a request after all its attempts."""
+
+    def __init__(self, message: str, *, request_id: bytes, attempts: int, timeout: float) -> None:
+        self.request_id = request_id
+        self.attempts = attempts
+        self.timeout = timeout
+        super().__init__(message)
+
+
+class RemoteError(FabricError):
+    """A replier's handler raised; `type`, `message` and `remote_traceback` describe it."""
+
+    def __init__(self, type: str, message: str, remote_traceback: str = "", *, member: str | None = None) -> None:
+        self.type = type
+        self.message = message
+        self.remote_traceback = remote_traceback
+        self.member = member
+        where = f" at {member}" if member else ""
+        super().__init__(f"{type}: {message}{where}")

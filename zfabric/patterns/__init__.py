@@ -1,0 +1,1 @@
+"""One module per messaging pattern, each over the envelope/codec core."""

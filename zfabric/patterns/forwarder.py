@@ -1,0 +1,210 @@
+"""The pub/sub forwarder: publishers connect to its XSUB side, subscribers to its XPUB side.
+
+Beyond moving messages it does three things raw `zmq.proxy` cannot:
+- answers readiness probes, so a subscriber knows its subscription is live here;
+- tells publishers how many subscriptions each prefix has (count entries, docs/wire.md),
+  so a publisher can wait for N subscribers before it starts;
+- keeps counters (messages in/out, subscriptions, probes, rejected control traffic).
+
+One core, thin launchers: `run()` blocks in the calling thread, `start()` runs it in a
+thread, and `zfabric forwarder` runs it as a process. Sockets are created and used only
+in the thread that runs the loop; `stop()` (from any thread or a signal handler) ends it
+within about 100 ms.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import zmq
+
+from .. import codec
+from .._logs import Throttled
+from .._socket import AnyContext, context_for, open_socket
+from ..endpoint import Endpoint
+from ..errors import FabricError
+from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB, SocketOptions, DEFAULT_OPTIONS
+
+log = logging.getLogger("zfabric.forwarder")
+
+_BATCH = 1000
+"""Messages moved per readable socket before looking at the other side again."""
+
+
+@dataclass
+class ForwarderCounters:
+    """What a forwarder has done since it started."""
+
+    messages_in: int = 0
+    messages_out: int = 0
+    bytes_in: int = 0
+    subscriptions: int = 0
+    subscribe_events: int = 0
+    unsubscribe_events: int = 0
+    probes: int = 0
+    rejected: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        """A plain dict copy."""
+        return asdict(self)
+
+
+class Forwarder:
+    """XSUB/XPUB forwarder with readiness probes, subscriber counts and counters."""
+
+    def __init__(
+        self,
+        xsub: str | Endpoint = DEFAULT_FORWARDER_XSUB,
+        xpub: str | Endpoint = DEFAULT_FORWARDER_XPUB,
+        *,
+        options: SocketOptions | None = None,
+        context: AnyContext | None = None,
+    ) -> None:
+        self._xsub_spec = Endpoint.parse(xsub, bind=True)
+        self._xpub_spec = Endpoint.parse(xpub, bind=True)
+        self.options = options if options is not None else DEFAULT_OPTIONS
+        self._given_context = context
+        self.stats = ForwarderCounters()
+        self.xsub_endpoint: str | None = None
+        self.xpub_endpoint: str | None = None
+        self._counts: dict[bytes, int] = {}
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._bad_log = Throttled(log)
+
+    def subscribers(self, prefix: str = "") -> int:
+        """Live subscriptions to exactly `prefix` (as subscribers declared them)."""
+        return self._counts.get(prefix.encode(), 0)
+
+    def run(self, *, on_ready: Callable[[Forwarder], None] | None = None,
+            on_tick: Callable[[Forwarder], None] | None = None, tick: float = 1.0) -> None:
+        """Bind, then forward until stop(); `on_ready` runs once bound, `on_tick` every `tick` s."""
+        ctx, owns = context_for(self._given_context, asyncio=False)
+        xsub = xpub = None
+        try:
+            xsub, (self.xsub_endpoint,) = open_socket(ctx, zmq.XSUB, [self._xsub_spec], self.options)
+            xpub, (self.xpub_endpoint,) = open_socket(
+                ctx, zmq.XPUB, [self._xpub_spec], self.options, tune={zmq.XPUB_VERBOSER: 1}
+            )
+            self._ready.set()
+            if on_ready is not None:
+                on_ready(self)
+            self._loop(xsub, xpub, on_tick, tick)
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            self._ready.set()
+            for sock in (xsub, xpub):
+                if sock is not None:
+                    sock.close(0)
+            if owns:
+                ctx.term()
+
+    def _loop(self, xsub: zmq.Socket, xpub: zmq.Socket, on_tick: Callable[[Forwarder], None] | None, tick: float) -> None:
+        poller = zmq.Poller()
+        poller.register(xsub, zmq.POLLIN)
+        poller.register(xpub, zmq.POLLIN)
+        stats = self.stats
+        next_tick = time.monotonic() + tick
+        while not self._stop.is_set():
+            try:
+                ready = dict(poller.poll(100))
+            except zmq.ContextTerminated:
+                return
+            if xsub in ready:
+                for _ in range(_BATCH):
+                    try:
+                        frames = xsub.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    stats.messages_in += 1
+                    stats.bytes_in += sum(map(len, frames))
+                    if frames[0][:1] == codec.CONTROL_PREFIX:
+                        self._reject("publisher sent a reserved control topic", frames[0])
+                        continue
+                    xpub.send_multipart(frames)
+                    stats.messages_out += 1
+            if xpub in ready:
+                for _ in range(_BATCH):
+                    try:
+                        msg = xpub.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_subscription(msg, xsub, xpub)
+            if on_tick is not None and time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + tick
+                on_tick(self)
+
+    def _on_subscription(self, msg: bytes, xsub: zmq.Socket, xpub: zmq.Socket) -> None:
+        if not msg or msg[0] not in (0, 1):
+            self._reject("subscriber sent a message that is not a subscription", msg)
+            return
+        subscribe, topic = msg[0] == 1, msg[1:]
+        if topic[:1] == codec.CONTROL_PREFIX:
+            if topic.startswith(codec.PROBE_PREFIX):
+                if subscribe:
+                    self.stats.probes += 1
+                    xpub.send(topic)
+            else:
+                self._reject("subscription to a reserved control topic", topic)
+            return
+        old = self._counts.get(topic, 0)
+        if subscribe:
+            new = old + 1
+            self.stats.subscribe_events += 1
+        else:
+            if old == 0:
+                return
+            new = old - 1
+            self.stats.unsubscribe_events += 1
+        self.stats.subscriptions += new - old
+        if new:
+            self._counts[topic] = new
+        else:
+            del self._counts[topic]
+        xsub.send(msg)
+        if new:
+            xsub.send(b"\x01" + codec.count_entry(topic, new))
+        if old:
+            xsub.send(b"\x00" + codec.count_entry(topic, old))
+
+    def _reject(self, why: str, sample: bytes) -> None:
+        self.stats.rejected += 1
+        self._bad_log.warning(why, "forwarder rejected input: %s (%r)", why, sample[:40])
+
+    # ---- thread launcher -------------------------------------------------------------
+
+    def start(self, timeout: float = 5.0) -> Forwarder:
+        """Run in a daemon thread; returns once bound (re-raises a bind failure)."""
+        self._thread = threading.Thread(target=self._run_quietly, name="zfabric-forwarder", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise FabricError(f"forwarder did not bind within {timeout:g} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run_quietly(self) -> None:
+        try:
+            self.run()
+        except BaseException:  # kept in self._error for start() to re-raise
+            pass
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Ask the loop to end; joins the thread when start() made one."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Forwarder:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

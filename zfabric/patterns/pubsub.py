@@ -1,0 +1,309 @@
+"""Publish-subscribe: PUB -> forwarder (XSUB|XPUB) -> SUB, with topic prefix subscriptions.
+
+ZeroMQ drops pub/sub messages silently (a slow joiner, a full high-water mark); zfabric
+makes both visible and avoidable:
+- `Subscriber.wait_ready()` returns once the forwarder has its subscriptions;
+- `Publisher.wait_for_subscribers(n, topic)` returns once n subscriptions match `topic`;
+- every message carries a per-publisher, per-topic sequence number, so a subscriber counts
+  each message it missed in `gaps` (and `stats.gaps`).
+
+By default a publisher connects to a forwarder's XSUB side and a subscriber to its XPUB
+side. A publisher that binds is *direct*: subscribers connect to it with no forwarder, and
+it counts their subscriptions itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from .. import codec
+from .._receive import AsyncInbox, Counters, Inbox, SyncInbox, _remaining_ms
+from .._socket import AnyContext, SocketOwner
+from ..endpoint import Endpoint, parse_many
+from ..envelope import Envelope, IdSource, Kind
+from ..errors import ReadyTimeout
+from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB, SocketOptions
+
+EndpointArg = str | Endpoint | Sequence[str | Endpoint]
+
+_DRAIN_EVERY = 256
+"""A publisher reads its subscription traffic at least once per this many publishes."""
+_MAX_TRACKED = 100_000
+"""Sequence trackers a subscriber keeps (publisher x topic) before forgetting the oldest."""
+
+
+class _PublisherBase(SocketOwner):
+    """The no-I/O half of a publisher: sequence numbers, frames, subscription bookkeeping."""
+
+    _socket_type = zmq.XPUB
+
+    def __init__(
+        self,
+        endpoints: EndpointArg = DEFAULT_FORWARDER_XSUB,
+        *,
+        bind: bool | None = None,
+        options: SocketOptions | None = None,
+        context: AnyContext | None = None,
+    ) -> None:
+        eps = parse_many(endpoints, bind=bind, default_bind=False)
+        self.direct = any(ep.bind for ep in eps)
+        super().__init__(eps, options=options, context=context, tune={zmq.XPUB_VERBOSER: 1} if self.direct else None)
+        self.stats = Counters()
+        self._ids = IdSource()
+        self._topics: dict[str, list[Any]] = {}
+        self._raw_subs: dict[bytes, int] = {}
+        self._counted: dict[bytes, int] = {}
+        self._until_drain = _DRAIN_EVERY
+
+    @property
+    def origin(self) -> bytes:
+        """This publisher's 8-byte identity; subscribers group sequence numbers by it."""
+        return self._ids.origin
+
+    def _frames(self, topic: str, body: Any, headers: Mapping[str, Any] | None) -> tuple[Envelope, list[Any]]:
+        entry = self._topics.get(topic)
+        if entry is None:
+            entry = self._topics[topic] = [codec.validate_topic(topic), 0]
+        entry[1] += 1
+        fmt, payload = codec.encode_body(body)
+        env = Envelope(
+            self._ids.next(), Kind.MESSAGE, topic, body, None, None, 1, time.time(), None,
+            headers if headers is not None else {}, entry[1],
+        )
+        return env, [entry[0], codec.encode_header(env, fmt), payload]
+
+    def _on_control(self, msg: bytes) -> bytes | None:
+        """Apply one subscription message; returns a probe answer to publish, if any."""
+        if not msg or msg[0] not in (0, 1):
+            return None
+        subscribe, topic = msg[0] == 1, msg[1:]
+        if topic.startswith(codec.COUNT_PREFIX):
+            parsed = codec.parse_count_entry(topic)
+            if parsed is not None:
+                prefix, n = parsed
+                if subscribe:
+                    self._counted[prefix] = n
+                elif self._counted.get(prefix) == n:
+                    del self._counted[prefix]
+            return None
+        if topic.startswith(codec.PROBE_PREFIX):
+            return topic if subscribe and self.direct else None
+        if self.direct:
+            n = self._raw_subs.get(topic, 0) + (1 if subscribe else -1)
+            if n > 0:
+                self._raw_subs[topic] = n
+            else:
+                self._raw_subs.pop(topic, None)
+        return None
+
+    def subscribers(self, topic: str = "") -> int:
+        """Subscriptions whose prefix matches `topic`, as last heard (call after a drain)."""
+        data = topic.encode()
+        table = self._raw_subs if self.direct else self._counted
+        return sum(n for prefix, n in table.items() if data.startswith(prefix))
+
+
+class Publisher(_PublisherBase):
+    """Publishes messages on topics; each carries a sequence number per (publisher, topic)."""
+
+    def publish(self, topic: str, body: Any, *, headers: Mapping[str, Any] | None = None) -> Envelope:
+        """Publish one message; never blocks (a full high-water mark drops, and subscribers count it)."""
+        self._check_open()
+        env, frames = self._frames(topic, body, headers)
+        self._sock.send_multipart(frames, copy=False)
+        self.stats.sent += 1
+        self._until_drain -= 1
+        if not self._until_drain:
+            self.poll_control()
+        return env
+
+    def poll_control(self) -> None:
+        """Read pending subscription traffic (counts, probes) without blocking."""
+        self._until_drain = _DRAIN_EVERY
+        while True:
+            try:
+                msg = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            answer = self._on_control(msg)
+            if answer is not None:
+                self._sock.send(answer)
+
+    def wait_for_subscribers(self, count: int = 1, topic: str = "", timeout: float = 10.0) -> int:
+        """Block until at least `count` subscriptions match `topic`; returns how many do."""
+        self._check_open()
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll_control()
+            n = self.subscribers(topic)
+            if n >= count:
+                return n
+            if not self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+                raise ReadyTimeout(f"{n} of {count} subscriber(s) for topic {topic!r} after {timeout:g} s")
+
+
+class AsyncPublisher(_PublisherBase):
+    """The asyncio face of Publisher."""
+
+    _asyncio = True
+
+    async def publish(self, topic: str, body: Any, *, headers: Mapping[str, Any] | None = None) -> Envelope:
+        """Publish one message; never waits on a slow subscriber."""
+        self._check_open()
+        env, frames = self._frames(topic, body, headers)
+        await self._sock.send_multipart(frames, copy=False)
+        self.stats.sent += 1
+        self._until_drain -= 1
+        if not self._until_drain:
+            await self.poll_control()
+        return env
+
+    async def poll_control(self) -> None:
+        """Read pending subscription traffic (counts, probes) without waiting."""
+        self._until_drain = _DRAIN_EVERY
+        while True:
+            try:
+                msg = await self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            answer = self._on_control(msg)
+            if answer is not None:
+                await self._sock.send(answer)
+
+    async def wait_for_subscribers(self, count: int = 1, topic: str = "", timeout: float = 10.0) -> int:
+        """Wait until at least `count` subscriptions match `topic`; returns how many do."""
+        self._check_open()
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.poll_control()
+            n = self.subscribers(topic)
+            if n >= count:
+                return n
+            if not await self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+                raise ReadyTimeout(f"{n} of {count} subscriber(s) for topic {topic!r} after {timeout:g} s")
+
+
+@dataclass
+class SubscriberCounters(Counters):
+    """Subscriber counters: `gaps` is how many messages were published to us but never arrived."""
+
+    gaps: int = 0
+
+
+class _SubscriberBase(Inbox):
+    """The no-I/O half of a subscriber: subscriptions, probes, gap counting."""
+
+    _socket_type = zmq.SUB
+    _decode = staticmethod(codec.decode_published)
+
+    def __init__(
+        self,
+        endpoints: EndpointArg = DEFAULT_FORWARDER_XPUB,
+        *,
+        topics: str | Sequence[str] = (),
+        bind: bool | None = None,
+        options: SocketOptions | None = None,
+        context: AnyContext | None = None,
+    ) -> None:
+        super().__init__(parse_many(endpoints, bind=bind, default_bind=False), options=options, context=context)
+        self.stats = SubscriberCounters()
+        self.topics: list[str] = []
+        self._last_seq: dict[tuple[bytes, str], int] = {}
+        self._probes_seen: set[bytes] = set()
+        self._pending = deque()
+        for topic in [topics] if isinstance(topics, str) else topics:
+            self.subscribe(topic)
+
+    @property
+    def gaps(self) -> int:
+        """Messages missed so far: sequence numbers skipped by any publisher on any topic."""
+        return self.stats.gaps
+
+    def subscribe(self, topic: str) -> None:
+        """Receive every message whose topic starts with `topic` ("" means everything)."""
+        self._check_open()
+        self._sock.setsockopt(zmq.SUBSCRIBE, codec.validate_topic(topic))
+        self.topics.append(topic)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Stop receiving `topic` (one earlier subscribe of it)."""
+        self._check_open()
+        self._sock.setsockopt(zmq.UNSUBSCRIBE, codec.validate_topic(topic))
+        self.topics.remove(topic)
+
+    def _accept(self, frames: list[bytes]) -> Envelope | None:
+        if frames[0][:1] == codec.CONTROL_PREFIX:
+            if frames[0].startswith(codec.PROBE_PREFIX):
+                self._probes_seen.add(frames[0])
+            return None
+        return super()._accept(frames)
+
+    def _after_accept(self, env: Envelope) -> Envelope:
+        seq = env.seq
+        if seq is not None:
+            key = (env.id[:8], env.topic)
+            last = self._last_seq.get(key)
+            if last is not None and seq > last + 1:
+                self.stats.gaps += seq - last - 1
+            elif last is None and len(self._last_seq) >= _MAX_TRACKED:
+                del self._last_seq[next(iter(self._last_seq))]
+            self._last_seq[key] = seq
+        return env
+
+    def _start_probe(self) -> bytes:
+        probe = codec.PROBE_PREFIX + os.urandom(8).hex().encode()
+        self._sock.setsockopt(zmq.SUBSCRIBE, probe)
+        return probe
+
+    def _end_probe(self, probe: bytes) -> None:
+        self._probes_seen.discard(probe)
+        if not self._closed:
+            self._sock.setsockopt(zmq.UNSUBSCRIBE, probe)
+
+
+class Subscriber(_SubscriberBase, SyncInbox):
+    """Receives published messages: `receive(timeout)` or `for env in subscriber`."""
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the forwarder (or a direct publisher) has every subscription made so far.
+
+        Messages that arrive meanwhile are kept and returned by the next receive() calls.
+        """
+        self._check_open()
+        probe = self._start_probe()
+        deadline = time.monotonic() + timeout
+        try:
+            while probe not in self._probes_seen:
+                if not self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+                    raise ReadyTimeout(f"subscriptions not confirmed within {timeout:g} s by {self.endpoint}")
+                env = self._accept(self._sock.recv_multipart(zmq.NOBLOCK))
+                if env is not None:
+                    self._pending.append(env)
+        finally:
+            self._end_probe(probe)
+
+
+class AsyncSubscriber(_SubscriberBase, AsyncInbox):
+    """The asyncio face of Subscriber: `await receive(timeout)` or `async for env in subscriber`."""
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait until the forwarder (or a direct publisher) has every subscription made so far."""
+        self._check_open()
+        probe = self._start_probe()
+        deadline = time.monotonic() + timeout
+        try:
+            while probe not in self._probes_seen:
+                if not await self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+                    raise ReadyTimeout(f"subscriptions not confirmed within {timeout:g} s by {self.endpoint}")
+                env = self._accept(await self._sock.recv_multipart(zmq.NOBLOCK))
+                if env is not None:
+                    self._pending.append(env)
+        finally:
+            self._end_probe(probe)

@@ -1,0 +1,182 @@
+"""Point-to-point queue (PUSH -> PULL): each message reaches exactly one consumer.
+
+At-most-once and fast: ZeroMQ acknowledges nothing, so a consumer killed with messages
+in its buffers loses them. Back-pressure is real: when every consumer's queue is full
+(high-water mark), `send` blocks, or raises SendTimeout after the timeout given; nothing
+is dropped silently. Either side may bind; by default consumers bind and producers connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from .. import codec
+from .._receive import AsyncInbox, Counters, Inbox, SyncInbox, _remaining_ms
+from .._socket import AnyContext, PeerWatch, SocketOwner
+from ..endpoint import Endpoint, parse_many
+from ..envelope import Envelope, IdSource, Kind
+from ..errors import ReadyTimeout, SendTimeout
+from ..options import UNSET, SocketOptions, Unset
+
+EndpointArg = str | Endpoint | Sequence[str | Endpoint]
+
+
+@dataclass
+class ProducerCounters(Counters):
+    """Producer counters: `sent` plus sends that timed out under back-pressure."""
+
+    send_timeouts: int = 0
+
+
+class _ProducerBase(SocketOwner):
+    """The no-I/O half of a producer: envelopes, frames, peer counting."""
+
+    _socket_type = zmq.PUSH
+    _tune = {zmq.IMMEDIATE: 1}
+
+    def __init__(
+        self,
+        endpoints: EndpointArg,
+        *,
+        bind: bool | None = None,
+        queue: str = "",
+        send_timeout: float | None = None,
+        options: SocketOptions | None = None,
+        context: AnyContext | None = None,
+    ) -> None:
+        super().__init__(parse_many(endpoints, bind=bind, default_bind=False), options=options, context=context)
+        self.queue = queue
+        self.send_timeout = send_timeout
+        self.stats = ProducerCounters()
+        self._ids = IdSource()
+        self._peers = PeerWatch(self._sock)
+
+    def _envelope(self, body: Any, headers: Mapping[str, Any] | None, ttl: float | None) -> Envelope:
+        now = time.time()
+        return Envelope(
+            self._ids.next(), Kind.MESSAGE, self.queue, body, None, None, 1, now,
+            None if ttl is None else now + ttl, headers if headers is not None else {}, None,
+        )
+
+    def _timeout(self, timeout: float | None | Unset) -> float | None:
+        return self.send_timeout if timeout is UNSET else timeout
+
+    def _timed_out(self, timeout: float) -> SendTimeout:
+        self.stats.send_timeouts += 1
+        return SendTimeout(f"queue full: no consumer accepted the message within {timeout:g} s ({', '.join(self.endpoints)})")
+
+    def _close_sockets(self, linger_ms: int) -> None:
+        self._peers.close()
+        super()._close_sockets(linger_ms)
+
+
+class Producer(_ProducerBase):
+    """Sends messages to consumers, one consumer per message, round-robin."""
+
+    def send(self, body: Any, *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
+             timeout: float | None | Unset = UNSET) -> Envelope:
+        """Send one message; returns its envelope. Blocks while the queue is full, at most `timeout` s."""
+        env = self._envelope(body, headers, ttl)
+        self.send_envelope(env, timeout=timeout)
+        return env
+
+    def send_envelope(self, env: Envelope, *, timeout: float | None | Unset = UNSET) -> None:
+        """Send a ready-made envelope (e.g. one being redelivered) as it is."""
+        self._check_open()
+        frames = codec.encode(env)
+        timeout = self._timeout(timeout)
+        sock = self._sock
+        if timeout is None:
+            sock.send_multipart(frames, copy=False)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    break
+                except zmq.Again:
+                    if not sock.poll(_remaining_ms(deadline), zmq.POLLOUT):
+                        raise self._timed_out(timeout) from None
+        self.stats.sent += 1
+
+    def send_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
+                  timeout: float | None | Unset = UNSET) -> list[Envelope]:
+        """Send each body in turn; returns the envelopes sent (stops at the first timeout)."""
+        return [self.send(b, headers=headers, timeout=timeout) for b in bodies]
+
+    def wait_for_consumers(self, count: int = 1, timeout: float = 10.0) -> int:
+        """Block until `count` consumers are connected, so a burst is spread over all of them."""
+        deadline = time.monotonic() + timeout
+        while self._peers.drain() < count:
+            if not self._peers.socket.poll(_remaining_ms(deadline), zmq.POLLIN):
+                raise ReadyTimeout(f"{self._peers.peers} of {count} consumer(s) connected after {timeout:g} s")
+        return self._peers.peers
+
+
+class AsyncProducer(_ProducerBase):
+    """The asyncio face of Producer."""
+
+    _asyncio = True
+
+    async def send(self, body: Any, *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
+                   timeout: float | None | Unset = UNSET) -> Envelope:
+        """Send one message; returns its envelope. Waits while the queue is full, at most `timeout` s."""
+        env = self._envelope(body, headers, ttl)
+        await self.send_envelope(env, timeout=timeout)
+        return env
+
+    async def send_envelope(self, env: Envelope, *, timeout: float | None | Unset = UNSET) -> None:
+        """Send a ready-made envelope as it is."""
+        self._check_open()
+        frames = codec.encode(env)
+        timeout = self._timeout(timeout)
+        if timeout is None:
+            await self._sock.send_multipart(frames, copy=False)
+        else:
+            try:
+                await asyncio.wait_for(self._sock.send_multipart(frames, copy=False), timeout)
+            except asyncio.TimeoutError:
+                raise self._timed_out(timeout) from None
+        self.stats.sent += 1
+
+    async def send_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
+                        timeout: float | None | Unset = UNSET) -> list[Envelope]:
+        """Send each body in turn; returns the envelopes sent."""
+        return [await self.send(b, headers=headers, timeout=timeout) for b in bodies]
+
+    async def wait_for_consumers(self, count: int = 1, timeout: float = 10.0) -> int:
+        """Wait until `count` consumers are connected."""
+        deadline = time.monotonic() + timeout
+        while self._peers.drain() < count:
+            if not await self._peers.socket.poll(_remaining_ms(deadline), zmq.POLLIN):
+                raise ReadyTimeout(f"{self._peers.peers} of {count} consumer(s) connected after {timeout:g} s")
+        return self._peers.peers
+
+
+class _ConsumerBase(Inbox):
+    _socket_type = zmq.PULL
+
+    def __init__(
+        self,
+        endpoints: EndpointArg,
+        *,
+        bind: bool | None = None,
+        options: SocketOptions | None = None,
+        context: AnyContext | None = None,
+    ) -> None:
+        super().__init__(parse_many(endpoints, bind=bind, default_bind=True), options=options, context=context)
+        self.stats = Counters()
+
+
+class Consumer(_ConsumerBase, SyncInbox):
+    """Receives queue messages: `receive(timeout)` or `for env in consumer`."""
+
+
+class AsyncConsumer(_ConsumerBase, AsyncInbox):
+    """The asyncio face of Consumer: `await receive(timeout)` or `async for env in consumer`."""
