@@ -1,0 +1,549 @@
+"""Request-reply (DEALER <-> ROUTER): one request, one correlated reply.
+
+A `Replier` binds a ROUTER and runs a handler per request; what the handler returns goes
+back as the reply, and what it raises goes back as a RemoteError with the exception's type
+and message. A `Requester` connects a DEALER to one or more repliers (round-robin), keeps
+many requests in flight, and matches replies by correlation id, so no reply ever reaches
+the wrong caller. Each attempt has a timeout; a timed-out request is retried on a fresh
+socket (Lazy Pirate) up to `retries` times, then fails with RequestTimeout. Retries mean
+a handler may run more than once for one request: make handlers idempotent, or use
+`retries=0`. A replier also accepts REQ clients (an empty delimiter frame is echoed back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from .. import codec
+from .._logs import Throttled
+from .._receive import Counters
+from .._socket import AnyContext, SocketOwner, open_socket
+from ..endpoint import Endpoint, parse_many
+from ..envelope import Envelope, IdSource, Kind
+from ..errors import ClosedError, DecodeError, EncodeError, FabricError
+from ..options import DEFAULT_REQUEST_RETRIES, DEFAULT_REQUEST_TIMEOUT, UNSET, SocketOptions, Unset
+from ._flows import RequestCounters, RequestFlow
+
+log = logging.getLogger("zfabric.reqrep")
+
+EndpointArg = str | Endpoint | Sequence[str | Endpoint]
+Handler = Callable[[Envelope], Any]
+"""A replier handler: takes the request envelope, returns the reply body (or an awaitable of it)."""
+
+
+def error_body(exc: BaseException) -> dict[str, str]:
+    """How an exception travels in an ERROR reply: type, message, short traceback."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=5))
+    return {"type": type(exc).__qualname__, "message": str(exc), "traceback": tb[-2000:]}
+
+
+# ---- replier ---------------------------------------------------------------------------
+
+
+@dataclass
+class ReplierCounters(Counters):
+    """What a replier has done: `errors` are handler exceptions sent back as RemoteError."""
+
+    requests: int = 0
+    replies: int = 0
+    errors: int = 0
+    expired: int = 0
+    invalid: int = 0
+    undeliverable: int = 0
+
+
+class _ReplierBase(SocketOwner):
+    """The no-I/O half of a replier: parse a request, build the reply frames."""
+
+    _socket_type = zmq.ROUTER
+    _tune = {zmq.ROUTER_MANDATORY: 1}
+
+    def __init__(
+        self,
+        endpoints: EndpointArg,
+        handler: Handler,
+        *,
+        bind: bool | None = None,
+        name: str = "",
+        options: SocketOptions | None = None,
+        context: AnyContext | None = None,
+    ) -> None:
+        super().__init__(parse_many(endpoints, bind=bind, default_bind=True), options=options, context=context)
+        self.handler = handler
+        self.name = name
+        self.stats = ReplierCounters()
+        self._ids = IdSource()
+        self._bad_log = Throttled(log)
+        self._stop = threading.Event()
+
+    def _parse(self, frames: list[bytes]) -> tuple[list[bytes], Envelope] | None:
+        """(routing prefix, request) for a valid, unexpired request; None (counted) otherwise."""
+        if len(frames) >= 4 and frames[1] == b"":
+            route, payload = frames[:2], frames[2:]
+        else:
+            route, payload = frames[:1], frames[1:]
+        try:
+            env = codec.decode(payload)
+        except DecodeError as exc:
+            self.stats.decode_errors += 1
+            self._bad_log.warning("decode", "replier %s: %s", self.endpoint, exc)
+            return None
+        self.stats.received += 1
+        if env.kind is not Kind.REQUEST:
+            self.stats.invalid += 1
+            self._bad_log.warning("kind", "replier %s: ignored a %s envelope (expected a request)", self.endpoint, env.kind.name)
+            return None
+        if env.expired():
+            self.stats.expired += 1
+            return None
+        self.stats.requests += 1
+        return route, env
+
+    def _reply(self, route: list[bytes], request: Envelope, result: Any = None, exc: BaseException | None = None) -> list[Any]:
+        """The frames that answer `request` with `result` or with the exception `exc`."""
+        if exc is None:
+            try:
+                fmt, payload = codec.encode_body(result)
+                kind = Kind.REPLY
+            except EncodeError as err:
+                exc = err
+        if exc is not None:
+            self.stats.errors += 1
+            fmt, payload = codec.encode_body(error_body(exc))
+            kind = Kind.ERROR
+        else:
+            self.stats.replies += 1
+        reply = Envelope(self._ids.next(), kind, request.topic, None, request.id, None, request.attempt, time.time(), None, {}, None)
+        return [*route, codec.encode_header(reply, fmt), payload]
+
+    def _undeliverable(self, exc: zmq.ZMQError) -> None:
+        self.stats.undeliverable += 1
+        self._bad_log.warning("undeliverable", "replier %s: reply not delivered (%s); the requester is gone or full",
+                              self.endpoint, exc.strerror)
+
+    def stop(self) -> None:
+        """Ask serve() to return (from any thread); it does within about 100 ms."""
+        self._stop.set()
+
+
+class Replier(_ReplierBase):
+    """Serves requests with a handler, one at a time, in the thread that calls serve()."""
+
+    def handle_one(self, frames: list[bytes]) -> None:
+        """Answer one received message (or count why not)."""
+        parsed = self._parse(frames)
+        if parsed is None:
+            return
+        route, request = parsed
+        try:
+            out = self._reply(route, request, self.handler(request))
+        except Exception as exc:
+            out = self._reply(route, request, exc=exc)
+        try:
+            self._sock.send_multipart(out, zmq.NOBLOCK)
+            self.stats.sent += 1
+        except zmq.ZMQError as exc:
+            self._undeliverable(exc)
+
+    def serve(self, *, max_requests: int | None = None) -> None:
+        """Handle requests until stop() (or `max_requests` handled)."""
+        self._check_open()
+        sock = self._sock
+        handled = 0
+        while not self._stop.is_set() and (max_requests is None or handled < max_requests):
+            if not sock.poll(100, zmq.POLLIN):
+                continue
+            while max_requests is None or handled < max_requests:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self.handle_one(frames)
+                handled += 1
+
+    def start(self) -> Replier:
+        """Serve in a daemon thread; the socket is handed to that thread and used only there."""
+        self._thread = threading.Thread(target=self.serve, name=f"zfabric-replier-{self.endpoint}", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, linger_ms: int | None = None) -> None:
+        """Stop serving (joining the thread start() made) and close."""
+        self.stop()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+        super().close(linger_ms)
+
+
+class AsyncReplier(_ReplierBase):
+    """Serves requests on the event loop; up to `concurrency` handlers run at once.
+
+    The handler may be a coroutine function; a plain function runs on the loop directly.
+    """
+
+    _asyncio = True
+
+    def __init__(self, endpoints: EndpointArg, handler: Handler, *, concurrency: int = 100, **kwargs: Any) -> None:
+        super().__init__(endpoints, handler, **kwargs)
+        self._limit = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _answer(self, route: list[bytes], request: Envelope) -> None:
+        try:
+            try:
+                result = self.handler(request)
+                if inspect.isawaitable(result):
+                    result = await result
+                out = self._reply(route, request, result)
+            except Exception as exc:
+                out = self._reply(route, request, exc=exc)
+            if not self._closed:
+                try:
+                    await self._sock.send_multipart(out, zmq.NOBLOCK)
+                    self.stats.sent += 1
+                except zmq.ZMQError as exc:
+                    self._undeliverable(exc)
+        finally:
+            self._limit.release()
+
+    async def serve(self, *, max_requests: int | None = None) -> None:
+        """Handle requests until stop(), cancellation, or `max_requests` received."""
+        self._check_open()
+        handled = 0
+        try:
+            while not self._stop.is_set() and (max_requests is None or handled < max_requests):
+                if not await self._sock.poll(100, zmq.POLLIN):
+                    continue
+                frames = await self._sock.recv_multipart()
+                handled += 1
+                parsed = self._parse(frames)
+                if parsed is None:
+                    continue
+                await self._limit.acquire()
+                task = asyncio.ensure_future(self._answer(*parsed))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+
+
+# ---- requester -------------------------------------------------------------------------
+
+
+class _RequesterBase:
+    """The no-I/O half of a requester: request envelopes, sockets by generation, the flow."""
+
+    _asyncio = False
+
+    def __init__(
+        self,
+        endpoints: EndpointArg,
+        *,
+        service: str = "",
+        timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        retries: int = DEFAULT_REQUEST_RETRIES,
+        bind: bool | None = None,
+        options: SocketOptions | None = None,
+        context: AnyContext | None = None,
+    ) -> None:
+        if timeout <= 0 or retries < 0:
+            raise FabricError(f"timeout must be > 0 and retries >= 0, got {timeout!r} and {retries!r}")
+        self.service = service
+        self.timeout = timeout
+        self.retries = retries
+        self._specs = parse_many(endpoints, bind=bind, default_bind=False)
+        self.stats = RequestCounters()
+        self.flow = RequestFlow(self.stats)
+        self._ids = IdSource()
+        self._bad_log = Throttled(log)
+        self._owner = _DealerOwner(self._specs, options=options, context=context, asyncio=self._asyncio)
+        self.options = self._owner.options
+        self.endpoints = self._owner.endpoints
+        self._sockets: dict[int, zmq.Socket] = {0: self._owner._sock}
+
+    @property
+    def endpoint(self) -> str:
+        """The first replier endpoint."""
+        return self.endpoints[0]
+
+    @property
+    def closed(self) -> bool:
+        """True once close() ran."""
+        return self._owner.closed
+
+    def _request(self, body: Any, headers: Mapping[str, Any] | None, timeout: float | Unset, retries: int | Unset,
+                 ) -> tuple[Envelope, float, int]:
+        self._owner._check_open()
+        t = self.timeout if timeout is UNSET else timeout
+        r = self.retries if retries is UNSET else retries
+        if t <= 0 or r < 0:
+            raise FabricError(f"timeout must be > 0 and retries >= 0, got {t!r} and {r!r}")
+        now = time.time()
+        env = Envelope(self._ids.next(), Kind.REQUEST, self.service, body, None, None, 1, now, now + t * (r + 1),
+                       headers if headers is not None else {}, None)
+        return env, t, r
+
+    def _decode_reply(self, frames: list[bytes]) -> tuple[bytes, Any] | None:
+        try:
+            env = codec.decode(frames)
+        except DecodeError as exc:
+            self.stats.decode_errors += 1
+            self._bad_log.warning("decode", "requester %s: %s", self.endpoint, exc)
+            return None
+        self.stats.received += 1
+        return self.flow.on_reply(env)
+
+    def _new_generation(self) -> zmq.Socket:
+        sock, _ = open_socket(self._owner._ctx, zmq.DEALER, self._specs, self.options, tune=_DealerOwner._tune)
+        self._sockets[self.flow.generation] = sock
+        return sock
+
+    def _close_idle(self) -> None:
+        for g in self.flow.idle_generations(list(self._sockets)):
+            self._retire(g)
+
+    def _retire(self, generation: int) -> None:
+        self._sockets.pop(generation).close(0)
+
+    def close(self, linger_ms: int | None = None) -> None:
+        """Close every socket; requests still waiting fail with ClosedError."""
+        if self._owner.closed:
+            return
+        for g in list(self._sockets):
+            if g != 0:
+                self._retire(g)
+        self._sockets.clear()
+        self._owner.close(0 if linger_ms is None else linger_ms)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {', '.join(self.endpoints)}>"
+
+
+class _DealerOwner(SocketOwner):
+    _socket_type = zmq.DEALER
+    _tune = {zmq.IMMEDIATE: 1}
+
+    def __init__(self, endpoints: Sequence[Endpoint], *, asyncio: bool, **kwargs: Any) -> None:
+        self._asyncio = asyncio  # type: ignore[misc]
+        super().__init__(endpoints, **kwargs)
+
+
+class Requester(_RequesterBase):
+    """Sends requests and waits for their replies; `request_many` keeps them all in flight at once."""
+
+    def request(self, body: Any, *, headers: Mapping[str, Any] | None = None,
+                timeout: float | Unset = UNSET, retries: int | Unset = UNSET) -> Any:
+        """The reply body; raises RequestTimeout after every attempt timed out, RemoteError if the handler raised."""
+        return self.request_many([body], headers=headers, timeout=timeout, retries=retries)[0]
+
+    def request_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
+                     timeout: float | Unset = UNSET, retries: int | Unset = UNSET,
+                     return_exceptions: bool = False) -> list[Any]:
+        """Reply bodies in request order, all requests in flight together.
+
+        With `return_exceptions`, a failed request's exception takes its place in the list;
+        otherwise the first failure (in request order) is raised once all are settled.
+        """
+        now = time.monotonic()
+        order: dict[bytes, int] = {}
+        outbox: list[tuple[int, Envelope]] = []
+        for body in bodies:
+            env, t, r = self._request(body, headers, timeout, retries)
+            self.flow.submit(env, t, r, now)
+            order[env.id] = len(order)
+            outbox.append((self.flow.generation, env))
+        results: list[Any] = [None] * len(order)
+        left = len(order)
+        poller = zmq.Poller()
+        while left:
+            outbox = self._flush(outbox)
+            poller = zmq.Poller()
+            for sock in self._sockets.values():
+                poller.register(sock, zmq.POLLIN)
+            if outbox:
+                poller.register(self._sockets[self.flow.generation], zmq.POLLIN | zmq.POLLOUT)
+            due = self.flow.next_due()
+            wait = 100 if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
+            for sock, _ in poller.poll(wait):
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    done = self._decode_reply(frames)
+                    if done is not None and done[0] in order:
+                        results[order[done[0]]] = done[1]
+                        left -= 1
+            failures, resend, fresh = self.flow.expire(time.monotonic())
+            for rid, exc in failures:
+                if rid in order:
+                    results[order[rid]] = exc
+                    left -= 1
+            if fresh:
+                self._new_generation()
+            outbox.extend((self.flow.generation, env) for env in resend)
+            self._close_idle()
+        if not return_exceptions:
+            for item in results:
+                if isinstance(item, FabricError):
+                    raise item
+        return results
+
+    def _flush(self, outbox: list[tuple[int, Envelope]]) -> list[tuple[int, Envelope]]:
+        for i, (gen, env) in enumerate(outbox):
+            sock = self._sockets.get(gen) or self._sockets[self.flow.generation]
+            try:
+                sock.send_multipart(codec.encode(env), zmq.NOBLOCK)
+            except zmq.Again:
+                return outbox[i:]
+            self.stats.sent += 1
+        return []
+
+
+class AsyncRequester(_RequesterBase):
+    """The asyncio face: `await request(body)` from any number of tasks at once, all on one socket."""
+
+    _asyncio = True
+
+    def __init__(self, endpoints: EndpointArg, **kwargs: Any) -> None:
+        super().__init__(endpoints, **kwargs)
+        self._futures: dict[bytes, asyncio.Future[Any]] = {}
+        self._readers: dict[int, asyncio.Task[None]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due: float | None = None
+        self._send_tasks: set[asyncio.Task[None]] = set()
+
+    async def request(self, body: Any, *, headers: Mapping[str, Any] | None = None,
+                      timeout: float | Unset = UNSET, retries: int | Unset = UNSET) -> Any:
+        """The reply body; raises RequestTimeout after every attempt timed out, RemoteError if the handler raised."""
+        env, t, r = self._request(body, headers, timeout, retries)
+        loop = asyncio.get_running_loop()
+        self.flow.submit(env, t, r, time.monotonic())
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._futures[env.id] = fut
+        if self.flow.generation not in self._readers:
+            self._start_reader(self.flow.generation)
+        self._send(self.flow.generation, env)
+        self._arm_timer()
+        try:
+            return await fut
+        finally:
+            if self._futures.pop(env.id, None) is not None:
+                self.flow.forget(env.id)
+
+    async def request_many(self, bodies: Iterable[Any], *, return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
+        """Reply bodies in request order, all in flight together (like asyncio.gather)."""
+        return await asyncio.gather(*(self.request(b, **kwargs) for b in bodies), return_exceptions=return_exceptions)
+
+    def _start_reader(self, generation: int) -> None:
+        self._readers[generation] = asyncio.ensure_future(self._read(generation, self._sockets[generation]))
+
+    async def _read(self, generation: int, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = await sock.recv_multipart()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            done = self._decode_reply(frames)
+            if done is not None:
+                fut = self._futures.pop(done[0], None)
+                if fut is not None and not fut.done():
+                    if isinstance(done[1], FabricError):
+                        fut.set_exception(done[1])
+                    else:
+                        fut.set_result(done[1])
+                self._close_idle()
+
+    def _send(self, generation: int, env: Envelope) -> None:
+        sock = self._sockets[generation]
+        frames = codec.encode(env)
+        sent = sock.send_multipart(frames, zmq.NOBLOCK)
+        if sent.exception() is None:
+            self.stats.sent += 1
+            return
+        if not isinstance(sent.exception(), zmq.Again):
+            raise sent.exception()  # type: ignore[misc]
+        task = asyncio.ensure_future(self._send_later(sock, frames))
+        self._send_tasks.add(task)
+        task.add_done_callback(self._send_tasks.discard)
+
+    async def _send_later(self, sock: zmq.Socket, frames: list[Any]) -> None:
+        try:
+            await sock.send_multipart(frames)
+            self.stats.sent += 1
+        except (zmq.ZMQError, asyncio.CancelledError):
+            pass  # socket retired or closed: the request's timer retries or fails it
+
+    def _arm_timer(self) -> None:
+        due = self.flow.next_due()
+        if due is None or due == self._timer_due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_due = due
+        self._timer = loop.call_at(loop.time() + max(0.0, due - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_due = None
+        failures, resend, fresh = self.flow.expire(time.monotonic())
+        for rid, exc in failures:
+            fut = self._futures.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+        if fresh:
+            self._new_generation()
+            self._start_reader(self.flow.generation)
+        for env in resend:
+            self._send(self.flow.generation, env)
+        self._close_idle()
+        self._arm_timer()
+
+    def _retire(self, generation: int) -> None:
+        reader = self._readers.pop(generation, None)
+        if reader is not None:
+            reader.cancel()
+        super()._retire(generation)
+
+    def close(self, linger_ms: int | None = None) -> None:
+        """Close every socket; requests still waiting fail with ClosedError."""
+        if self._timer is not None:
+            self._timer.cancel()
+        for reader in self._readers.values():
+            reader.cancel()
+        for task in self._send_tasks:
+            task.cancel()
+        for rid, fut in list(self._futures.items()):
+            if not fut.done():
+                fut.set_exception(ClosedError("requester closed while the request was waiting"))
+        self._futures.clear()
+        super().close(linger_ms)
+
+
+AsyncHandler = Callable[[Envelope], Awaitable[Any]]
