@@ -1,0 +1,5 @@
+"""`python -m zfabric` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,58 @@
+"""The `zfabric` command: a thin layer over the library, one module per noun."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from . import forwarder, pubsub, queue, reqrep, scatter
+
+app = typer.Typer(
+    name="zfabric",
+    help="A brokerless messaging fabric on ZeroMQ: queues, pub/sub, request-reply, scatter-gather.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"zfabric {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """A brokerless messaging fabric on ZeroMQ."""
+
+
+@app.command()
+def demo() -> None:
+    """Run every pattern live on loopback and print a short report of each (exit 1 if one fails).
+
+    Example:  zfabric demo
+    """
+    from ..demo import run_demo
+
+    if not run_demo():
+        raise typer.Exit(1)
+
+
+app.command()(forwarder.forwarder)
+app.command()(pubsub.pub)
+app.command()(pubsub.sub)
+app.command()(queue.push)
+app.command()(queue.pull)
+app.command()(reqrep.request)
+app.command()(reqrep.echo)
+app.command()(scatter.scatter)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,86 @@
+"""What every CLI command shares: payload parsing, JSON output, error reporting."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from ..envelope import Envelope
+from ..errors import FabricError, FabricTimeout
+
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_ERROR = 1
+EXIT_TIMEOUT = 3
+
+
+def fabric_errors(func: F) -> F:
+    """Turn zfabric errors into one red line on stderr and an exit code; Ctrl-C exits quietly."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except FabricTimeout as exc:
+            err_console.print(f"[red]timeout:[/red] {exc}")
+            raise typer.Exit(EXIT_TIMEOUT) from None
+        except FabricError as exc:
+            err_console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+            raise typer.Exit(EXIT_ERROR) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_payload(text: str, *, as_text: bool, where: str = "payload") -> Any:
+    """A JSON payload (or the text itself with --text); a clear error names what was wrong."""
+    if as_text:
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        err_console.print(f"[red]error:[/red] {where} is not valid JSON ({exc.msg} at column {exc.colno}): {text[:80]!r}"
+                          "\n  quote JSON for the shell, e.g. '{\"id\": 1}', or pass --text to send it as a string")
+        raise typer.Exit(2) from None
+
+
+def payloads(payload: str | None, *, as_text: bool) -> Iterator[Any]:
+    """The payload argument, or one payload per non-empty stdin line when it is absent or '-'."""
+    if payload is not None and payload != "-":
+        yield parse_payload(payload, as_text=as_text)
+        return
+    for n, line in enumerate(sys.stdin, 1):
+        line = line.rstrip("\n")
+        if line.strip():
+            yield parse_payload(line, as_text=as_text, where=f"stdin line {n}")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$base64": base64.b64encode(bytes(value)).decode()}
+    return repr(value)
+
+
+def dumps(value: Any) -> str:
+    """One line of JSON; bytes appear as {"$base64": ...}."""
+    return json.dumps(value, default=_json_default, ensure_ascii=False)
+
+
+def show(env: Envelope, *, envelope: bool, with_topic: bool = False) -> None:
+    """Print one received message: its body, `topic body` for pub/sub, or the whole envelope."""
+    if envelope:
+        line = dumps(env.to_dict())
+    elif with_topic:
+        line = f"{env.topic} {dumps(env.body)}"
+    else:
+        line = dumps(env.body)
+    typer.echo(line)

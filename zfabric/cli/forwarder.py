@@ -1,0 +1,69 @@
+"""`zfabric forwarder`: run a pub/sub forwarder until SIGINT/SIGTERM, showing its counters."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB
+from ..patterns.forwarder import Forwarder
+from ._common import fabric_errors
+
+
+def counters_table(fwd: Forwarder) -> Table:
+    """The forwarder's counters as a rich table."""
+    table = Table(title=f"forwarder  xsub={fwd.xsub_endpoint}  xpub={fwd.xpub_endpoint}")
+    table.add_column("counter")
+    table.add_column("value", justify="right")
+    for name, value in fwd.stats.snapshot().items():
+        table.add_row(name.replace("_", " "), f"{value:,}")
+    return table
+
+
+def counters_line(fwd: Forwarder) -> str:
+    """The counters on one line, for logs."""
+    return "zfabric forwarder counters " + " ".join(f"{k}={v}" for k, v in fwd.stats.snapshot().items())
+
+
+@fabric_errors
+def forwarder(
+    xsub: Annotated[str, typer.Option(envvar="ZFABRIC_XSUB", help="Bind address publishers connect to (port 0: any free port).")] = DEFAULT_FORWARDER_XSUB,
+    xpub: Annotated[str, typer.Option(envvar="ZFABRIC_XPUB", help="Bind address subscribers connect to (port 0: any free port).")] = DEFAULT_FORWARDER_XPUB,
+    live: Annotated[bool | None, typer.Option("--live/--no-live", help="Live counters table (default: when stdout is a terminal).")] = None,
+    stats_interval: Annotated[float, typer.Option(help="With --no-live, print counters every N seconds (0: only on exit and SIGUSR1).")] = 0.0,
+) -> None:
+    """Run a pub/sub forwarder (XSUB -> XPUB) until Ctrl-C or SIGTERM.
+
+    Prints a ready line with the bound addresses, counters on SIGUSR1 and on exit.
+
+    Example:  zfabric forwarder --xsub tcp://127.0.0.1:5559 --xpub tcp://127.0.0.1:5560
+    """
+    fwd = Forwarder(xsub, xpub)
+    console = Console()
+    use_live = sys.stdout.isatty() if live is None else live
+
+    def stop(signum: int, frame: object) -> None:
+        fwd.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, lambda s, f: print(counters_line(fwd), flush=True))
+
+    def ready(f: Forwarder) -> None:
+        print(f"zfabric forwarder ready xsub={f.xsub_endpoint} xpub={f.xpub_endpoint}", flush=True)
+
+    if use_live:
+        with Live(console=console, auto_refresh=False) as view:
+            fwd.run(on_ready=ready, on_tick=lambda f: view.update(counters_table(f), refresh=True), tick=0.5)
+        console.print(counters_table(fwd))
+    else:
+        tick = stats_interval if stats_interval > 0 else 3600.0
+        fwd.run(on_ready=ready, on_tick=lambda f: print(counters_line(f), flush=True) if stats_interval > 0 else None, tick=tick)
+        print(counters_line(fwd), flush=True)

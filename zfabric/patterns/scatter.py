@@ -1,0 +1,192 @@
+"""Scatter-gather (ROUTER -> ROUTER): one request to every member of a group, replies gathered back.
+
+Members are ordinary repliers (`Replier`/`AsyncReplier`) with a name. The scatterer's
+ROUTER connects to each member under that name (CONNECT_ROUTING_ID), so it can address
+each one and knows who each reply came from. A round ends when every member answered,
+when `quorum` successful replies arrived, or at the deadline, whichever comes first; the
+`GatherResult` names who answered, who failed, who is missing and why. A reply that
+arrives after its round ended is counted in `stats.late_replies`, never mixed into the
+next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import zmq
+
+from .. import codec
+from .._logs import Throttled
+from .._socket import AnyContext, SocketOwner
+from ..endpoint import Endpoint
+from ..envelope import Envelope, IdSource, Kind
+from ..errors import ConfigError, DecodeError
+from ..options import UNSET, SocketOptions, Unset
+from ._flows import GatherBook, GatherCounters, GatherResult, GatherRound
+from .reqrep import log
+
+Members = Mapping[str, str | Endpoint] | Sequence[tuple[str, str | Endpoint]]
+Reduce = Callable[[list[Any]], Any]
+
+
+def _members(members: Members) -> list[tuple[str, Endpoint]]:
+    items = list(members.items()) if isinstance(members, Mapping) else list(members)
+    if not items:
+        raise ConfigError("a scatter group needs at least one member")
+    names = [name for name, _ in items]
+    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"member names must be unique, non-empty strings, got {names}")
+    return [(name, Endpoint.parse(ep, bind=False)) for name, ep in items]
+
+
+class _ScattererBase(SocketOwner):
+    """The no-I/O half: the group, round bookkeeping, request frames."""
+
+    _socket_type = zmq.ROUTER
+    _tune = {zmq.ROUTER_MANDATORY: 1}
+
+    def __init__(
+        self,
+        members: Members,
+        *,
+        group: str = "",
+        deadline: float = 1.0,
+        quorum: int | None = None,
+        options: SocketOptions | None = None,
+        context: AnyContext | None = None,
+    ) -> None:
+        pairs = _members(members)
+        self.members = tuple(name for name, _ in pairs)
+        self.group = group
+        self.deadline = deadline
+        self.quorum = self._check_quorum(quorum)
+        super().__init__([ep for _, ep in pairs], options=options, context=context,
+                         routing_ids=[name.encode() for name in self.members])
+        self.stats = GatherCounters()
+        self.book = GatherBook(self.stats)
+        self._ids = IdSource()
+        self._bad_log = Throttled(log)
+
+    def _check_quorum(self, quorum: int | None) -> int | None:
+        if quorum is not None and not 1 <= quorum <= len(self.members):
+            raise ConfigError(f"quorum must be between 1 and the group size {len(self.members)}, got {quorum}")
+        return quorum
+
+    def _open_round(self, body: Any, headers: Mapping[str, Any] | None, deadline: float | Unset,
+                    quorum: int | None | Unset) -> tuple[GatherRound, list[Any]]:
+        self._check_open()
+        d = self.deadline if deadline is UNSET else deadline
+        q = self.quorum if quorum is UNSET else self._check_quorum(quorum)
+        now_wall, now = time.time(), time.monotonic()
+        env = Envelope(self._ids.next(), Kind.REQUEST, self.group, body, None, None, 1, now_wall, now_wall + d,
+                       headers if headers is not None else {}, None)
+        round_ = GatherRound(env.id, self.members, q, now, now + d)
+        self.book.open(round_)
+        return round_, codec.encode(env)
+
+    def _send_all(self, round_: GatherRound, frames: list[Any], send: Callable[[list[Any]], Any]) -> None:
+        for name in self.members:
+            try:
+                send([name.encode(), *frames])
+                self.stats.sent += 1
+            except zmq.Again:
+                self.stats.unsent += 1
+                round_.mark_unsent(name, "backlogged: its queue is at the high-water mark")
+            except zmq.ZMQError as exc:
+                self.stats.unsent += 1
+                round_.mark_unsent(name, f"unreachable: {exc.strerror}")
+
+    def _on_frames(self, frames: list[bytes]) -> GatherRound | None:
+        if len(frames) < 3:
+            self.stats.decode_errors += 1
+            return None
+        try:
+            env = codec.decode(frames[1:])
+        except DecodeError as exc:
+            self.stats.decode_errors += 1
+            self._bad_log.warning("decode", "scatterer: %s", exc)
+            return None
+        self.stats.received += 1
+        return self.book.dispatch(frames[0].decode(errors="replace"), env, time.monotonic())
+
+    def _finish(self, round_: GatherRound, reduce: Reduce | None) -> GatherResult:
+        self.book.close(round_)
+        return round_.result(time.monotonic(), reduce)
+
+
+class Scatterer(_ScattererBase):
+    """Sends one request to every member and gathers the replies (one round at a time)."""
+
+    def scatter(self, body: Any, *, deadline: float | Unset = UNSET, quorum: int | None | Unset = UNSET,
+                reduce: Reduce | None = None, headers: Mapping[str, Any] | None = None) -> GatherResult:
+        """Run one round; returns when all answered, the quorum is met, or the deadline passes."""
+        round_, frames = self._open_round(body, headers, deadline, quorum)
+        sock = self._sock
+        self._send_all(round_, frames, lambda f: sock.send_multipart(f, zmq.NOBLOCK))
+        while not round_.finished(time.monotonic()):
+            wait = max(0, int((round_.deadline - time.monotonic()) * 1000) + 1)
+            if not sock.poll(wait, zmq.POLLIN):
+                continue
+            while True:
+                try:
+                    got = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_frames(got)
+        return self._finish(round_, reduce)
+
+
+class AsyncScatterer(_ScattererBase):
+    """The asyncio face: any number of rounds may run at once on one socket."""
+
+    _asyncio = True
+
+    def __init__(self, members: Members, **kwargs: Any) -> None:
+        super().__init__(members, **kwargs)
+        self._waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def scatter(self, body: Any, *, deadline: float | Unset = UNSET, quorum: int | None | Unset = UNSET,
+                      reduce: Reduce | None = None, headers: Mapping[str, Any] | None = None) -> GatherResult:
+        """Run one round; returns when all answered, the quorum is met, or the deadline passes."""
+        round_, frames = self._open_round(body, headers, deadline, quorum)
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read())
+        self._send_all(round_, frames, self._send_now)
+        if not round_.finished(time.monotonic()):
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters[round_.request_id] = waiter
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), max(0.0, round_.deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._waiters.pop(round_.request_id, None)
+        return self._finish(round_, reduce)
+
+    def _send_now(self, frames: list[Any]) -> None:
+        # A non-blocking send on an asyncio socket settles its future at once; raise like the sync face.
+        exc = self._sock.send_multipart(frames, zmq.NOBLOCK).exception()
+        if exc is not None:
+            raise exc
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                frames = await self._sock.recv_multipart()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            round_ = self._on_frames(frames)
+            if round_ is not None and round_.finished(time.monotonic()):
+                waiter = self._waiters.get(round_.request_id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+
+    def close(self, linger_ms: int | None = None) -> None:
+        """Stop reading and close the socket."""
+        if self._reader is not None:
+            self._reader.cancel()
+        super().close(0 if linger_ms is None else linger_ms)
