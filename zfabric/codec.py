@@ -93,7 +93,7 @@ def encode_header(env: Envelope, body_format: int) -> bytes:
                 env.attempt,
                 env.created_at,
                 env.deadline,
-                env.headers,
+                env.headers if type(env.headers) is dict else dict(env.headers),
                 env.seq,
                 body_format,
             ]

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB
+from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB, SocketOptions
 from ..patterns.forwarder import Forwarder
 from ._common import fabric_errors
 
@@ -37,6 +37,7 @@ def forwarder(
     xpub: Annotated[str, typer.Option(envvar="ZFABRIC_XPUB", help="Bind address subscribers connect to (port 0: any free port).")] = DEFAULT_FORWARDER_XPUB,
     live: Annotated[bool | None, typer.Option("--live/--no-live", help="Live counters table (default: when stdout is a terminal).")] = None,
     stats_interval: Annotated[float, typer.Option(help="With --no-live, print counters every N seconds (0: only on exit and SIGUSR1).")] = 0.0,
+    hwm: Annotated[int, typer.Option(min=0, help="High-water mark per peer, both directions (messages; 0: unlimited). Past it a slow subscriber loses messages, and its gap counter shows how many.")] = 1000,
 ) -> None:
     """Run a pub/sub forwarder (XSUB -> XPUB) until Ctrl-C or SIGTERM.
 
@@ -44,7 +45,7 @@ def forwarder(
 
     Example:  zfabric forwarder --xsub tcp://127.0.0.1:5559 --xpub tcp://127.0.0.1:5560
     """
-    fwd = Forwarder(xsub, xpub)
+    fwd = Forwarder(xsub, xpub, options=SocketOptions(send_hwm=hwm, receive_hwm=hwm))
     console = Console()
     use_live = sys.stdout.isatty() if live is None else live
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from typing import Annotated
 
 import typer
@@ -33,6 +34,7 @@ def request(
 def echo(
     endpoint: Annotated[str, typer.Option("--endpoint", "-e", help="Address to bind and serve on.")] = "tcp://127.0.0.1:5580",
     count: Annotated[int, typer.Option(help="Exit after answering this many requests (0: until Ctrl-C/SIGTERM).")] = 0,
+    delay: Annotated[float, typer.Option(min=0.0, help="Seconds to spend on each request before answering (simulated work).")] = 0.0,
 ) -> None:
     """Run a replier that answers every request with its own body (for trying things out).
 
@@ -40,6 +42,8 @@ def echo(
     """
 
     def handle(env: Envelope) -> object:
+        if delay:
+            time.sleep(delay)
         return env.body
 
     with Replier(endpoint, handle) as replier:

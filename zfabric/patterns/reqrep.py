@@ -437,7 +437,6 @@ class AsyncRequester(_RequesterBase):
         self._readers: dict[int, asyncio.Task[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due: float | None = None
-        self._send_tasks: set[asyncio.Task[None]] = set()
 
     async def request(self, body: Any, *, headers: Mapping[str, Any] | None = None,
                       timeout: float | Unset = UNSET, retries: int | Unset = UNSET) -> Any:
@@ -481,24 +480,14 @@ class AsyncRequester(_RequesterBase):
                 self._close_idle()
 
     def _send(self, generation: int, env: Envelope) -> None:
-        sock = self._sockets[generation]
-        frames = codec.encode(env)
-        sent = sock.send_multipart(frames, zmq.NOBLOCK)
-        if sent.exception() is None:
-            self.stats.sent += 1
-            return
-        if not isinstance(sent.exception(), zmq.Again):
-            raise sent.exception()  # type: ignore[misc]
-        task = asyncio.ensure_future(self._send_later(sock, frames))
-        self._send_tasks.add(task)
-        task.add_done_callback(self._send_tasks.discard)
+        # No await: the request's own timer covers a send that never completes (no replier
+        # connected yet, with IMMEDIATE), and a retired socket cancels its pending sends.
+        sent = self._sockets[generation].send_multipart(codec.encode(env))
+        sent.add_done_callback(self._sent)
 
-    async def _send_later(self, sock: zmq.Socket, frames: list[Any]) -> None:
-        try:
-            await sock.send_multipart(frames)
+    def _sent(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
             self.stats.sent += 1
-        except (zmq.ZMQError, asyncio.CancelledError):
-            pass  # socket retired or closed: the request's timer retries or fails it
 
     def _arm_timer(self) -> None:
         due = self.flow.next_due()
@@ -537,8 +526,6 @@ class AsyncRequester(_RequesterBase):
             self._timer.cancel()
         for reader in self._readers.values():
             reader.cancel()
-        for task in self._send_tasks:
-            task.cancel()
         for rid, fut in list(self._futures.items()):
             if not fut.done():
                 fut.set_exception(ClosedError("requester closed while the request was waiting"))

@@ -168,10 +168,18 @@ class AsyncScatterer(_ScattererBase):
         return self._finish(round_, reduce)
 
     def _send_now(self, frames: list[Any]) -> None:
-        # A non-blocking send on an asyncio socket settles its future at once; raise like the sync face.
-        exc = self._sock.send_multipart(frames, zmq.NOBLOCK).exception()
-        if exc is not None:
-            raise exc
+        # A non-blocking send on an asyncio socket usually settles at once; then raise like the
+        # sync face. If pyzmq queued it behind another send, its outcome is only logged.
+        fut = self._sock.send_multipart(frames, zmq.NOBLOCK)
+        if not fut.done():
+            fut.add_done_callback(self._queued_send_done)
+        elif fut.exception() is not None:
+            raise fut.exception()  # type: ignore[misc]
+
+    def _queued_send_done(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            self.stats.unsent += 1
+            self._bad_log.warning("send", "scatterer: a queued request was not sent: %s", fut.exception())
 
     async def _read(self) -> None:
         while True:

@@ -1,0 +1,142 @@
+"""The envelope and its wire codec: round trips, and one clear error for anything else."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zfabric import DecodeError, EncodeError, Envelope, IdSource, Kind, codec
+
+
+def sample(**changes: object) -> Envelope:
+    env = Envelope(
+        id=IdSource().next(), kind=Kind.REQUEST, topic="orders.eu", body={"sku": "A-1", "qty": 2, 7: [1.5, None]},
+        correlation_id=b"\x01" * 16, reply_to="svc", attempt=3, created_at=1_700_000_000.25,
+        deadline=1_700_000_030.0, headers={"trace": "abc", "n": 1}, seq=41,
+    )
+    return env.replace(**changes) if changes else env
+
+
+def test_round_trip_keeps_every_field() -> None:
+    env = sample()
+    assert codec.decode(codec.encode(env)) == env
+
+
+def test_raw_bytes_body_travels_verbatim_as_its_own_frame() -> None:
+    payload = bytes(range(256)) * 1000
+    frames = codec.encode(sample(body=payload))
+    assert frames[1] is payload
+    assert codec.decode([bytes(f) for f in frames]).body == payload
+
+
+def test_published_frames_put_the_topic_first_for_prefix_matching() -> None:
+    env = sample(kind=Kind.MESSAGE)
+    frames = codec.encode_published(env)
+    assert frames[0] == b"orders.eu"
+    assert codec.decode_published(frames) == env
+
+
+def test_envelope_is_immutable_and_with_attempt_returns_a_new_one() -> None:
+    env = sample()
+    later = env.with_attempt(4)
+    assert (env.attempt, later.attempt, later.id) == (3, 4, env.id)
+    with pytest.raises(AttributeError):
+        env.attempt = 9  # type: ignore[misc]
+
+
+def test_ids_from_one_source_are_unique_and_carry_the_origin() -> None:
+    src = IdSource()
+    ids = [src.next() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(i[:8] == src.origin and len(i) == 16 for i in ids)
+
+
+def test_unencodable_body_raises_encode_error_naming_the_type() -> None:
+    with pytest.raises(EncodeError, match="object"):
+        codec.encode(sample(body=object()))
+
+
+def header(**overrides: object) -> bytes:
+    fields = [1, 0, b"id-bytes", "t", None, None, 1, 1.0, None, {}, None, 0]
+    names = ["version", "kind", "id", "topic", "corr", "reply_to", "attempt", "created", "deadline", "headers", "seq", "fmt"]
+    for k, v in overrides.items():
+        fields[names.index(k)] = v
+    return msgpack.packb(fields)
+
+
+BODY = msgpack.packb({"ok": True})
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        ([b"\xc1garbage", BODY], "not valid msgpack"),
+        ([header()[:5], BODY], "not valid msgpack"),
+        ([header()], "expected 2 frames"),
+        ([header(), BODY, b"extra"], "expected 2 frames"),
+        ([], "expected 2 frames"),
+        ([header(version=2), BODY], "unknown envelope version 2"),
+        ([header(kind=9), BODY], "unknown kind"),
+        ([header(id=""), BODY], "id must be"),
+        ([header(attempt=0), BODY], "attempt must be a positive integer"),
+        ([header(headers=[1]), BODY], "headers must be a map"),
+        ([header(fmt=7), BODY], "unknown body format"),
+        ([header(), b"\xc1"], "body is not valid msgpack"),
+        ([msgpack.packb({"a": 1}), BODY], "array"),
+        ([msgpack.packb([1, 2]), BODY], "array"),
+        ([header(), msgpack.packb(msgpack.ExtType(5, b"xx"))], "extension type 5"),
+    ],
+)
+def test_bad_frames_raise_the_one_decode_error_with_the_raw_frames(frames: list[bytes], reason: str) -> None:
+    with pytest.raises(DecodeError, match=reason) as info:
+        codec.decode(frames)
+    assert info.value.frames == frames
+
+
+def test_published_topic_frame_must_match_the_header() -> None:
+    frames = codec.encode_published(sample(kind=Kind.MESSAGE))
+    with pytest.raises(DecodeError, match="topic frame"):
+        codec.decode_published([b"other", *frames[1:]])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=200), max_size=4))
+def test_random_frames_never_raise_anything_but_decode_error(frames: list[bytes]) -> None:
+    try:
+        codec.decode(frames)
+    except DecodeError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_valid_frames_decode_or_raise_decode_error(data: st.DataObject) -> None:
+    frames = [bytearray(f) for f in codec.encode(sample())]
+    which = data.draw(st.integers(0, 1))
+    if frames[which]:
+        pos = data.draw(st.integers(0, len(frames[which]) - 1))
+        frames[which][pos] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(frames[which])))
+    frames[which] = frames[which][:cut]
+    try:
+        env = codec.decode([bytes(f) for f in frames])
+    except DecodeError:
+        return
+    assert isinstance(env, Envelope)
+
+
+def test_a_header_claiming_a_4_gib_string_is_rejected_without_allocating() -> None:
+    huge = b"\x9c" + b"\x01\x00" + b"\xdb\xff\xff\xff\xff" + b"x" * 10
+    with pytest.raises(DecodeError):
+        codec.decode([huge, BODY])
+
+
+def test_default_and_read_only_headers_encode() -> None:
+    from types import MappingProxyType
+
+    env = Envelope.new({"x": 1})
+    assert codec.decode(codec.encode(env)).headers == {}
+    ro = env.replace(headers=MappingProxyType({"k": "v"}))
+    assert codec.decode(codec.encode(ro)).headers == {"k": "v"}

@@ -1,0 +1,184 @@
+"""Publish-subscribe through a real forwarder: every message to every subscriber, gaps counted."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from zfabric import ConfigError, Envelope, Forwarder, Kind, ReadyTimeout, ReceiveTimeout, SocketOptions, codec
+from zfabric.patterns.forwarder import ForwarderProcess
+
+from .conftest import wait_until
+from .faces import Face
+
+BIG = SocketOptions(send_hwm=0, receive_hwm=0)
+
+
+@pytest.fixture
+def roomy_forwarder() -> Iterator[ForwarderProcess]:
+    """A forwarder process with no high-water mark, so nothing may be lost on the way."""
+    fwd = ForwarderProcess(extra_args=["--hwm", "0"]).start()
+    yield fwd
+    fwd.stop()
+
+
+@pytest.fixture
+def thread_forwarder() -> Iterator[Forwarder]:
+    fwd = Forwarder("tcp://127.0.0.1:0", "tcp://127.0.0.1:0").start()
+    yield fwd
+    fwd.stop()
+
+
+def collect(sub: Any, count: int, out: list[Any]) -> threading.Thread:
+    def run() -> None:
+        try:
+            for _ in range(count):
+                out.append(sub.receive(timeout=10.0))
+        except ReceiveTimeout:
+            pass
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_every_subscriber_gets_every_message_of_its_topic_in_order(face: Face, roomy_forwarder: ForwarderProcess) -> None:
+    fwd = roomy_forwarder
+    sales = [face.subscriber(fwd.xpub_endpoint, topics="sales.", options=BIG) for _ in range(3)]
+    audit = face.subscriber(fwd.xpub_endpoint, topics="audit.", options=BIG)
+    for s in [*sales, audit]:
+        s.wait_ready(timeout=10.0)
+    publisher = face.publisher(fwd.xsub_endpoint, options=BIG)
+    assert publisher.wait_for_subscribers(3, "sales.eu", timeout=10.0) == 3
+    n = 10_000
+    outs: list[list[Any]] = [[] for _ in sales]
+    threads = [collect(s, n, out) for s, out in zip(sales, outs)]
+    for i in range(n):
+        publisher.publish("sales.eu", {"n": i})
+    for t in threads:
+        t.join(120)
+    for s, out in zip(sales, outs):
+        assert [e.body["n"] for e in out] == list(range(n))
+        assert {e.topic for e in out} == {"sales.eu"}
+        assert s.gaps == 0
+    with pytest.raises(ReceiveTimeout):
+        audit.receive(timeout=0.3)
+
+
+def test_a_slow_subscriber_counts_exactly_the_messages_it_missed(face: Face, forwarder_proc: ForwarderProcess) -> None:
+    fwd = forwarder_proc
+    slow = face.subscriber(fwd.xpub_endpoint, topics="ticks", options=SocketOptions(receive_hwm=10))
+    slow.wait_ready(timeout=10.0)
+    publisher = face.publisher(fwd.xsub_endpoint)
+    publisher.wait_for_subscribers(1, "ticks", timeout=10.0)
+    burst, blob = 3000, b"x" * 8192
+    for i in range(burst):
+        publisher.publish("ticks", [i, blob])
+    received: list[int] = []
+    while True:
+        try:
+            received.append(slow.receive(timeout=1.0).body[0])
+        except ReceiveTimeout:
+            break
+    publisher.publish("ticks", [burst, b""])  # makes any loss at the tail visible as a gap
+    assert slow.receive(timeout=10.0).body[0] == burst
+    missed = burst - len(received)
+    assert missed > 0, "the burst did not overflow the high-water mark; the test proves nothing"
+    assert received == sorted(received)
+    assert slow.gaps == missed
+
+
+def test_a_message_published_right_after_the_handshake_is_never_lost(face: Face, thread_forwarder: Forwarder) -> None:
+    fwd = thread_forwarder
+    publisher = face.publisher(fwd.xsub_endpoint)
+    for i in range(20):
+        topic = f"join.{i}"
+        sub = face.subscriber(fwd.xpub_endpoint, topics=topic)
+        sub.wait_ready(timeout=10.0)
+        publisher.wait_for_subscribers(1, topic, timeout=10.0)
+        publisher.publish(topic, i)
+        assert sub.receive(timeout=5.0).body == i
+        sub.close()
+
+
+def test_publisher_sees_subscribers_come_and_go(face: Face, thread_forwarder: Forwarder) -> None:
+    fwd = thread_forwarder
+    publisher = face.publisher(fwd.xsub_endpoint)
+    with pytest.raises(ReadyTimeout, match="0 of 1 subscriber"):
+        publisher.wait_for_subscribers(1, "orders", timeout=0.3)
+    subs = [face.subscriber(fwd.xpub_endpoint, topics=t) for t in ("orders", "orders.eu", "other")]
+    assert publisher.wait_for_subscribers(2, "orders.eu.1", timeout=10.0) == 2
+    assert fwd.subscribers("orders") == 1
+    subs[1].close()
+
+    def one_left() -> bool:
+        publisher.poll_control()
+        return publisher.subscribers("orders.eu.1") == 1
+
+    assert wait_until(one_left)
+    assert wait_until(lambda: fwd.stats.subscriptions == 2)
+
+
+def test_direct_publisher_without_forwarder(face: Face) -> None:
+    publisher = face.publisher("tcp://127.0.0.1:0", bind=True)
+    assert publisher.direct
+    sub = face.subscriber(publisher.endpoint, topics="t")
+    assert publisher.wait_for_subscribers(1, "t", timeout=10.0) == 1
+    publisher.publish("t", "hello")
+    assert sub.receive(timeout=5.0).body == "hello"
+
+
+def test_forwarder_counts_traffic_and_rejects_forged_control_topics(thread_forwarder: Forwarder, sync_face: Face, ctx: zmq.Context) -> None:
+    fwd = thread_forwarder
+    everything = sync_face.subscriber(fwd.xpub_endpoint, topics="")
+    everything.wait_ready(timeout=10.0)
+    forger = ctx.socket(zmq.XPUB)  # XPUB, so it can see the forwarder's subscriptions arrive
+    forger.connect(fwd.xsub_endpoint)
+    seen: list[bytes] = []
+    while b"\x01" not in seen:  # the catch-all subscription of `everything`
+        assert forger.poll(5000, zmq.POLLIN), f"forwarder never sent its subscriptions: {seen}"
+        seen.append(forger.recv())
+    publisher = sync_face.publisher(fwd.xsub_endpoint)
+    publisher.wait_for_subscribers(1, "a", timeout=10.0)
+    forger.send_multipart([b"\x00zf?forged", b"x"])
+    for i in range(5):
+        publisher.publish("a", i)
+    assert [everything.receive(timeout=5.0).body for _ in range(5)] == [0, 1, 2, 3, 4]
+    assert wait_until(lambda: fwd.stats.rejected == 1)
+    assert fwd.stats.messages_out == 5
+    assert fwd.stats.probes >= 1
+
+
+def test_subscriber_skips_garbage_and_keeps_delivering(face: Face, ctx: zmq.Context) -> None:
+    raw = ctx.socket(zmq.XPUB)
+    raw.bind("tcp://127.0.0.1:0")
+    sub = face.subscriber(raw.getsockopt_string(zmq.LAST_ENDPOINT), topics="t")
+    assert raw.poll(5000, zmq.POLLIN)
+    assert raw.recv() == b"\x01t"
+
+    def valid(i: int) -> list[bytes]:
+        env = Envelope(b"p" * 16, Kind.MESSAGE, "t", i, seq=i + 1, created_at=time.time())
+        return [bytes(f) for f in codec.encode_published(env)]
+
+    for i in range(10):
+        raw.send_multipart(valid(i))
+        raw.send_multipart([b"t", b"garbage"])
+        raw.send_multipart([b"tt", b"\x93\x01", b"x", b"y"])
+    raw.send_multipart(valid(10))
+    assert [sub.receive(timeout=5.0).body for _ in range(11)] == list(range(11))
+    assert sub.stats.decode_errors == 20
+    assert sub.gaps == 0
+
+
+def test_reserved_topics_are_refused(face: Face, thread_forwarder: Forwarder) -> None:
+    publisher = face.publisher(thread_forwarder.xsub_endpoint)
+    with pytest.raises(ConfigError, match="reserved"):
+        publisher.publish("\x00zf?x", 1)
+    sub = face.subscriber(thread_forwarder.xpub_endpoint)
+    with pytest.raises(ConfigError, match="reserved"):
+        sub.subscribe("\x00")

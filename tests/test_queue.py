@@ -1,0 +1,145 @@
+"""Point-to-point queue: exactly one consumer per message, real back-pressure, garbage survived."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from zfabric import Envelope, IdSource, Kind, ReadyTimeout, ReceiveTimeout, SendTimeout, SocketOptions, codec
+
+from .faces import Face
+
+
+def drain(consumers: list[Any], total: int, idle: float = 5.0) -> list[list[Envelope]]:
+    """Receive from every consumer in parallel until `total` arrived or all were idle for `idle` s."""
+    got: list[list[Envelope]] = [[] for _ in consumers]
+    done = threading.Event()
+
+    def run(i: int) -> None:
+        last = time.monotonic()
+        while not done.is_set() and time.monotonic() - last < idle:
+            try:
+                got[i].append(consumers[i].receive(timeout=0.2))
+                last = time.monotonic()
+            except ReceiveTimeout:
+                pass
+            if sum(map(len, got)) >= total:
+                done.set()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(consumers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return got
+
+
+def test_every_message_reaches_exactly_one_of_three_consumers(face: Face, bind_address: Callable[[str], str]) -> None:
+    consumers = [face.consumer(bind_address(f"c{i}")) for i in range(3)]
+    endpoints = [c.endpoint for c in consumers]
+    producers = [face.producer(endpoints, send_timeout=10.0) for _ in range(2)]
+    for p in producers:
+        assert p.wait_for_consumers(3, timeout=10.0) == 3
+    per_producer = 10_000
+
+    def send_all(p: Any, tag: int) -> None:
+        for n in range(per_producer):
+            p.send([tag, n])
+
+    senders = [threading.Thread(target=send_all, args=(p, i)) for i, p in enumerate(producers)]
+    for t in senders:
+        t.start()
+    got = drain(consumers, 2 * per_producer)
+    for t in senders:
+        t.join(60)
+
+    received = Counter((e.body[0], e.body[1]) for batch in got for e in batch)
+    expected = {(tag, n) for tag in range(2) for n in range(per_producer)}
+    assert set(received) == expected, f"lost {len(expected - set(received))}"
+    assert max(received.values()) == 1, "a message was delivered twice"
+    shares = [len(batch) for batch in got]
+    assert all(share > 0.2 * 2 * per_producer for share in shares), f"work not spread: {shares}"
+    for batch in got:  # per-producer order holds within each consumer
+        for tag in range(2):
+            ns = [e.body[1] for e in batch if e.body[0] == tag]
+            assert ns == sorted(ns)
+
+
+def test_a_full_queue_blocks_then_times_out_and_loses_nothing(face: Face) -> None:
+    small = SocketOptions(send_hwm=5, receive_hwm=5)
+    consumer = face.consumer("tcp://127.0.0.1:0", options=small)
+    producer = face.producer(consumer.endpoint, options=small)
+    producer.wait_for_consumers(1, timeout=10.0)
+    payload = b"x" * 100_000
+    sent = 0
+    while True:
+        start = time.monotonic()
+        try:
+            producer.send([sent, payload], timeout=0.3)
+        except SendTimeout as exc:
+            elapsed = time.monotonic() - start
+            assert "queue full" in str(exc)
+            break
+        sent += 1
+        assert sent < 100_000, "send never applied back-pressure"
+    assert 0.25 <= elapsed < 1.5
+    assert producer.stats.send_timeouts == 1
+    bodies = [consumer.receive(timeout=5.0).body[0] for _ in range(sent)]
+    assert bodies == list(range(sent))
+    with pytest.raises(ReceiveTimeout):
+        consumer.receive(timeout=0.2)
+
+
+def test_sending_with_no_consumer_raises_send_timeout_instead_of_parking_the_message(face: Face) -> None:
+    with zmq.Context() as c:
+        probe = c.socket(zmq.PULL)
+        probe.bind("tcp://127.0.0.1:0")
+        nobody = probe.getsockopt_string(zmq.LAST_ENDPOINT)
+        probe.close(0)
+    producer = face.producer(nobody)
+    start = time.monotonic()
+    with pytest.raises(SendTimeout):
+        producer.send({"n": 1}, timeout=0.3)
+    assert 0.25 <= time.monotonic() - start < 1.5
+    with pytest.raises(ReadyTimeout, match="0 of 1 consumer"):
+        producer.wait_for_consumers(1, timeout=0.2)
+
+
+def test_consumer_skips_foreign_frames_and_keeps_delivering_valid_ones(face: Face, ctx: zmq.Context) -> None:
+    consumer = face.consumer("tcp://127.0.0.1:0")
+    raw = ctx.socket(zmq.PUSH)
+    raw.setsockopt(zmq.LINGER, 1000)
+    raw.connect(consumer.endpoint)
+    ids = IdSource()
+
+    def valid(n: int) -> list[bytes]:
+        env = Envelope(ids.next(), Kind.MESSAGE, "", {"n": n}, created_at=time.time())
+        return [bytes(f) for f in codec.encode(env)]
+
+    bad_version = valid(0)
+    bad_version[0] = msgpack.packb([99, *msgpack.unpackb(bad_version[0])[1:]])
+    garbage = [
+        [b"\x00\x01\x02 not msgpack"],
+        [b"\xc1", b"\xc1"],
+        valid(0)[:1],
+        valid(0) + [b"extra"],
+        bad_version,
+        [b"", b""],
+        [bytes(range(256)) * 40, b"x"],
+    ]
+    for n in range(50):
+        raw.send_multipart(valid(n))
+        raw.send_multipart(garbage[n % len(garbage)])
+    raw.send_multipart(valid(50))
+    got = [consumer.receive(timeout=5.0).body["n"] for _ in range(51)]
+    raw.close()
+    assert got == list(range(51))
+    assert consumer.stats.decode_errors == 50
+    assert consumer.stats.received == 51

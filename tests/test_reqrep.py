@@ -1,0 +1,159 @@
+"""Request-reply: correlated replies under load, timeouts on time, remote errors, retries past a dead replier."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import zmq
+
+from zfabric import Envelope, RemoteError, RequestTimeout, codec
+from zfabric.envelope import IdSource, Kind
+
+from .conftest import Processes
+from .faces import Face
+
+
+def tagged(name: str):  # noqa: ANN201 - a handler factory
+    def handler(env: Envelope) -> dict[str, Any]:
+        return {"who": env.body["who"], "n": env.body["n"], "served_by": name}
+
+    return handler
+
+
+def test_a_thousand_concurrent_requests_from_four_requesters_each_get_their_own_reply(face: Face) -> None:
+    repliers = [face.replier("tcp://127.0.0.1:0", tagged(name)) for name in ("a", "b")]
+    endpoints = [r.endpoint for r in repliers]
+    requesters = [face.requester(endpoints, timeout=10.0, retries=0) for _ in range(4)]
+    results: dict[int, list[Any]] = {}
+
+    def run(i: int) -> None:
+        results[i] = requesters[i].request_many([{"who": i, "n": n} for n in range(250)])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i in range(4):
+        assert [(r["who"], r["n"]) for r in results[i]] == [(i, n) for n in range(250)]
+    served = {r["served_by"] for i in range(4) for r in results[i]}
+    assert served == {"a", "b"}
+    assert sum(r.stats.replies for r in repliers) == 1000
+    assert all(q.stats.stray_replies == 0 for q in requesters)
+
+
+def silent_router(ctx: zmq.Context) -> tuple[zmq.Socket, str]:
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind("tcp://127.0.0.1:0")
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def test_timeout_raises_request_timeout_within_ten_percent(face: Face, ctx: zmq.Context) -> None:
+    router, endpoint = silent_router(ctx)
+    requester = face.requester(endpoint, timeout=0.5, retries=0)
+    start = time.monotonic()
+    with pytest.raises(RequestTimeout) as info:
+        requester.request({"x": 1})
+    elapsed = time.monotonic() - start
+    assert 0.5 <= elapsed <= 0.55, elapsed
+    assert info.value.attempts == 1
+    assert router.poll(1000, zmq.POLLIN), "the request never reached the replier"
+
+
+def test_retries_go_out_on_fresh_sockets_with_the_same_id_and_counted_attempts(face: Face, ctx: zmq.Context) -> None:
+    router, endpoint = silent_router(ctx)
+    requester = face.requester(endpoint, timeout=0.3, retries=2)
+    start = time.monotonic()
+    with pytest.raises(RequestTimeout) as info:
+        requester.request("hello")
+    assert 0.9 <= time.monotonic() - start < 1.3
+    assert info.value.attempts == 3
+    seen = []
+    while router.poll(500, zmq.POLLIN):
+        identity, *frames = router.recv_multipart()
+        seen.append((identity, codec.decode(frames)))
+    assert [env.attempt for _, env in seen] == [1, 2, 3]
+    assert len({env.id for _, env in seen}) == 1
+    assert len({identity for identity, _ in seen}) == 3, "each retry must come from a fresh socket"
+    assert requester.stats.retries == 2
+
+
+def test_handler_exception_comes_back_as_remote_error(face: Face) -> None:
+    def handler(env: Envelope) -> Any:
+        if env.body == "bad":
+            raise ValueError("unknown sku 'Z-9'")
+        return "fine"
+
+    replier = face.replier("tcp://127.0.0.1:0", handler)
+    requester = face.requester(replier.endpoint, timeout=5.0)
+    with pytest.raises(RemoteError) as info:
+        requester.request("bad")
+    assert info.value.type == "ValueError"
+    assert info.value.message == "unknown sku 'Z-9'"
+    assert "ValueError" in info.value.remote_traceback
+    assert requester.request("ok") == "fine"
+    assert replier.stats.errors == 1
+
+
+def test_many_in_flight_with_return_exceptions_keeps_each_outcome_in_place(face: Face) -> None:
+    def handler(env: Envelope) -> Any:
+        if env.body % 3 == 0:
+            raise KeyError(env.body)
+        return env.body * 2
+
+    replier = face.replier("tcp://127.0.0.1:0", handler)
+    requester = face.requester(replier.endpoint, timeout=5.0)
+    out = requester.request_many(range(30), return_exceptions=True)
+    for n, item in enumerate(out):
+        if n % 3 == 0:
+            assert isinstance(item, RemoteError) and item.type == "KeyError"
+        else:
+            assert item == n * 2
+
+
+def test_a_replier_killed_mid_flight_is_retried_against_the_other(face: Face, processes: Processes) -> None:
+    echoes = [processes.zfabric("echo", "-e", "tcp://127.0.0.1:0", "--delay", "0.05") for _ in range(2)]
+    endpoints = [processes.wait_line(p, r"endpoint=(\S+)").group(1) for p in echoes]
+    requester = face.requester(endpoints, timeout=1.0, retries=3)
+    assert requester.request("warm-up") == "warm-up"
+    killer = threading.Timer(0.3, echoes[0].kill)
+    killer.start()
+    start = time.monotonic()
+    replies = requester.request_many([{"n": n} for n in range(40)])
+    killer.join()
+    assert [r["n"] for r in replies] == list(range(40))
+    assert echoes[0].wait(5) == -9
+    assert requester.stats.retries >= 1
+    assert time.monotonic() - start < 10
+
+
+def test_expired_requests_are_not_handled_and_late_replies_are_strays(face: Face) -> None:
+    calls: list[Any] = []
+
+    def slow(env: Envelope) -> Any:
+        calls.append(env.body)
+        time.sleep(0.4)
+        return env.body
+
+    replier = face.replier("tcp://127.0.0.1:0", slow, **({"concurrency": 1} if face.is_async else {}))
+    requester = face.requester(replier.endpoint, timeout=0.2, retries=0)
+    outcome = requester.request_many(["first", "second"], return_exceptions=True)
+    assert all(isinstance(o, RequestTimeout) for o in outcome)
+    assert requester.request("third", timeout=5.0) == "third"
+    assert calls == ["first", "third"], "an expired request was still handled"
+    assert replier.stats.expired == 1
+    assert requester.stats.stray_replies == 1
+
+
+def test_a_plain_req_socket_can_call_a_replier(sync_face: Face, ctx: zmq.Context) -> None:
+    replier = sync_face.replier("tcp://127.0.0.1:0", lambda env: {"got": env.body})
+    req = ctx.socket(zmq.REQ)
+    req.connect(replier.endpoint)
+    env = Envelope(IdSource().next(), Kind.REQUEST, "", [1, 2], created_at=time.time())
+    req.send_multipart([bytes(f) for f in codec.encode(env)])
+    assert req.poll(5000, zmq.POLLIN)
+    reply = codec.decode(req.recv_multipart())
+    assert reply.kind is Kind.REPLY and reply.correlation_id == env.id and reply.body == {"got": [1, 2]}
