@@ -79,13 +79,15 @@ class Processes:
         self.procs.append(proc)
         return proc
 
-    def wait_line(self, proc: subprocess.Popen[str], pattern: str, timeout: float = 15.0) -> re.Match[str]:
-        """Read stdout lines until one matches `pattern` (a readiness line); fail with stderr otherwise."""
-        assert proc.stdout is not None
+    def wait_line(self, proc: subprocess.Popen[str], pattern: str, timeout: float = 15.0,
+                  stream: str = "stdout") -> re.Match[str]:
+        """Read lines of `stream` until one matches `pattern` (a readiness line); fail with the output otherwise."""
+        source = proc.stdout if stream == "stdout" else proc.stderr
+        assert source is not None
         found: list[re.Match[str]] = []
 
         def reader() -> None:
-            for line in proc.stdout:  # type: ignore[union-attr]
+            for line in source:
                 m = re.search(pattern, line)
                 if m:
                     found.append(m)
@@ -96,8 +98,8 @@ class Processes:
         t.join(timeout)
         if not found:
             proc.kill()
-            _, err = proc.communicate(timeout=5)
-            raise AssertionError(f"no line matching {pattern!r} within {timeout} s; stderr:\n{err}")
+            out, err = proc.communicate(timeout=5)
+            raise AssertionError(f"no line matching {pattern!r} within {timeout} s;\nstdout:\n{out}\nstderr:\n{err}")
         return found[0]
 
     def kill_all(self) -> None:

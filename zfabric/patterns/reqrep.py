@@ -87,7 +87,7 @@ class _ReplierBase(SocketOwner):
         self._stop = threading.Event()
 
     def _parse(self, frames: list[bytes]) -> tuple[list[bytes], Envelope] | None:
-        """(routing prefix, request) for a valid, unexpired request; None (counted) otherwise."""
+        """(routing prefix, request) for a valid request; None (counted) otherwise."""
         if len(frames) >= 4 and frames[1] == b"":
             route, payload = frames[:2], frames[2:]
         else:
@@ -103,11 +103,15 @@ class _ReplierBase(SocketOwner):
             self.stats.invalid += 1
             self._bad_log.warning("kind", "replier %s: ignored a %s envelope (expected a request)", self.endpoint, env.kind.name)
             return None
-        if env.expired():
-            self.stats.expired += 1
-            return None
         self.stats.requests += 1
         return route, env
+
+    def _wanted(self, request: Envelope) -> bool:
+        """False (and counted) when the requester's deadline passed before the handler could run."""
+        if request.expired():
+            self.stats.expired += 1
+            return False
+        return True
 
     def _reply(self, route: list[bytes], request: Envelope, result: Any = None, exc: BaseException | None = None) -> list[Any]:
         """The frames that answer `request` with `result` or with the exception `exc`."""
@@ -145,6 +149,8 @@ class Replier(_ReplierBase):
         if parsed is None:
             return
         route, request = parsed
+        if not self._wanted(request):
+            return
         try:
             out = self._reply(route, request, self.handler(request))
         except Exception as exc:
@@ -189,7 +195,8 @@ class Replier(_ReplierBase):
 class AsyncReplier(_ReplierBase):
     """Serves requests on the event loop; up to `concurrency` handlers run at once.
 
-    The handler may be a coroutine function; a plain function runs on the loop directly.
+    A coroutine-function handler is awaited on the loop; a plain function runs in the
+    loop's default thread pool, so a slow or blocking handler cannot stall the loop.
     """
 
     _asyncio = True
@@ -197,14 +204,21 @@ class AsyncReplier(_ReplierBase):
     def __init__(self, endpoints: EndpointArg, handler: Handler, *, concurrency: int = 100, **kwargs: Any) -> None:
         super().__init__(endpoints, handler, **kwargs)
         self._limit = asyncio.Semaphore(concurrency)
+        self._handler_is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None))
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _answer(self, route: list[bytes], request: Envelope) -> None:
         try:
+            if not self._wanted(request):
+                return
             try:
-                result = self.handler(request)
-                if inspect.isawaitable(result):
-                    result = await result
+                if self._handler_is_async:
+                    result = await self.handler(request)
+                else:
+                    result = await asyncio.get_running_loop().run_in_executor(None, self.handler, request)
+                    if inspect.isawaitable(result):
+                        result = await result
                 out = self._reply(route, request, result)
             except Exception as exc:
                 out = self._reply(route, request, exc=exc)

@@ -1,0 +1,102 @@
+"""Scatter-gather: deadline, quorum, missing members named, late replies kept out of later rounds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import zmq
+
+from zfabric import ConfigError, Envelope
+
+from .conftest import wait_until
+from .faces import Face
+
+
+def member(name: str, delay: float = 0.0) -> Callable[[Envelope], Any]:
+    def handler(env: Envelope) -> dict[str, Any]:
+        if delay:
+            time.sleep(delay)
+        if env.body.get("fail") == name:
+            raise RuntimeError(f"{name} is out of stock")
+        return {"member": name, "round": env.body["round"], "price": 10 + len(name)}
+
+    return handler
+
+
+def unused_endpoint() -> str:
+    with zmq.Context() as c:
+        s = c.socket(zmq.ROUTER)
+        s.bind("tcp://127.0.0.1:0")
+        ep = s.getsockopt_string(zmq.LAST_ENDPOINT)
+        s.close(0)
+    return ep
+
+
+@pytest.fixture
+def repliers(face: Face) -> dict[str, Any]:
+    """Four live members: three quick, one slow (0.8 s)."""
+    live = {name: face.replier("tcp://127.0.0.1:0", member(name)) for name in ("a", "bb", "ccc")}
+    live["slow"] = face.replier("tcp://127.0.0.1:0", member("slow", 0.8))
+    return live
+
+
+@pytest.fixture
+def group(repliers: dict[str, Any]) -> dict[str, str]:
+    """Five members: the four live ones and one dead (nothing listening)."""
+    return {**{name: r.endpoint for name, r in repliers.items()}, "dead": unused_endpoint()}
+
+
+def test_deadline_returns_on_time_naming_the_missing_members(face: Face, group: dict[str, str]) -> None:
+    scatterer = face.scatterer(group, deadline=0.5)
+    start = time.monotonic()
+    result = scatterer.scatter({"round": 1}, reduce=lambda bodies: min(b["price"] for b in bodies))
+    elapsed = time.monotonic() - start
+    assert 0.5 <= elapsed < 0.6, elapsed
+    assert sorted(result.answered) == ["a", "bb", "ccc"]
+    assert set(result.missing) == {"slow", "dead"}
+    assert result.missing_reasons["slow"] == "no reply before the deadline"
+    assert result.value == 11
+    assert not result.complete and not result.quorum_met
+    assert [r.member for r in result.replies] == result.answered  # arrival order
+    assert all(r.body["round"] == 1 for r in result.replies)
+
+
+def test_quorum_returns_as_soon_as_enough_members_answered(face: Face, group: dict[str, str]) -> None:
+    scatterer = face.scatterer(group, deadline=5.0, quorum=3)
+    start = time.monotonic()
+    result = scatterer.scatter({"round": 1})
+    assert time.monotonic() - start < 0.5
+    assert len(result.replies) >= 3 and result.quorum_met
+    assert "slow" not in result.answered
+
+
+def test_a_late_reply_is_counted_not_mixed_into_the_next_round(face: Face, group: dict[str, str], repliers: dict[str, Any]) -> None:
+    scatterer = face.scatterer(group, deadline=0.3)
+    first = scatterer.scatter({"round": 1})
+    assert "slow" in first.missing
+    assert wait_until(lambda: repliers["slow"].stats.replies == 1)  # answered round 1 after it closed
+    second = scatterer.scatter({"round": 2}, deadline=0.3)
+    assert all(r.body["round"] == 2 for r in second.replies)
+    assert "slow" in second.missing
+    assert scatterer.stats.late_replies == 1
+
+
+def test_a_member_error_is_reported_per_member(face: Face, group: dict[str, str]) -> None:
+    quick = {k: v for k, v in group.items() if k in ("a", "bb", "ccc")}
+    scatterer = face.scatterer(quick, deadline=5.0)
+    result = scatterer.scatter({"round": 1, "fail": "bb"})
+    assert result.complete
+    assert sorted(result.answered) == ["a", "ccc"]
+    assert result.errors["bb"].type == "RuntimeError"
+    assert "out of stock" in result.errors["bb"].message
+    assert result.errors["bb"].member == "bb"
+
+
+def test_group_validation(face: Face) -> None:
+    with pytest.raises(ConfigError, match="quorum"):
+        face.scatterer({"a": "tcp://127.0.0.1:1"}, quorum=2)
+    with pytest.raises(ConfigError, match="at least one member"):
+        face.scatterer({})
