@@ -182,3 +182,27 @@ def test_reserved_topics_are_refused(face: Face, thread_forwarder: Forwarder) ->
     sub = face.subscriber(thread_forwarder.xpub_endpoint)
     with pytest.raises(ConfigError, match="reserved"):
         sub.subscribe("\x00")
+
+
+def test_publishing_resumes_after_the_forwarder_is_killed_and_restarted(face: Face) -> None:
+    first = ForwarderProcess().start()
+    try:
+        sub = face.subscriber(first.xpub_endpoint, topics="orders")
+        sub.wait_ready(timeout=10.0)
+        publisher = face.publisher(first.xsub_endpoint)
+        publisher.wait_for_subscribers(1, "orders", timeout=10.0)
+        publisher.publish("orders", "before")
+        assert sub.receive(timeout=5.0).body == "before"
+        first.kill()
+    finally:
+        first.kill()
+    second = ForwarderProcess(first.xsub_endpoint, first.xpub_endpoint).start()
+    try:
+        sub.wait_ready(timeout=10.0)
+        publisher.wait_for_subscribers(1, "orders", timeout=10.0)
+        assert publisher.subscribers("orders") == 1, "a count from the dead forwarder lingered"
+        publisher.publish("orders", "after")
+        assert sub.receive(timeout=5.0).body == "after"
+        assert sub.gaps == 0
+    finally:
+        second.stop()
