@@ -26,8 +26,8 @@ def test_every_error_derives_from_fabric_error() -> None:
 @pytest.mark.parametrize(
     ("text", "address", "bind"),
     [
-        ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5555", False),
-        ("@tcp://*:5555", "tcp://*:5555", True),
+        ("tcp://10.1.2.3:5555", "tcp://10.1.2.3:5555", False),
+        ("@tcp://0.0.0.0:5555", "tcp://0.0.0.0:5555", True),
         (">ipc:///tmp/x.sock", "ipc:///tmp/x.sock", False),
         ("inproc://queue", "inproc://queue", False),
         ("tcp://[::1]:0", "tcp://[::1]:0", False),
@@ -43,7 +43,7 @@ def test_endpoint_parsing(text: str, address: str, bind: bool) -> None:
     [
         ("udp://1.2.3.4:5", "expected one of tcp://"),
         ("tcp://127.0.0.1", "tcp needs host:port"),
-        ("tcp://127.0.0.1:99999", "port must be 0-65535"),
+        ("tcp://10.1.2.3:99999", "port must be 0-65535"),
         ("ipc://", "is empty"),
         ("127.0.0.1:5555", "expected one of"),
     ],

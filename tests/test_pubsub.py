@@ -10,7 +10,16 @@ from typing import Any
 import pytest
 import zmq
 
-from zfabric import ConfigError, Envelope, Forwarder, Kind, ReadyTimeout, ReceiveTimeout, SocketOptions, codec
+from zfabric import (
+    ConfigError,
+    Envelope,
+    Forwarder,
+    Kind,
+    ReadyTimeout,
+    ReceiveTimeout,
+    SocketOptions,
+    codec,
+)
 from zfabric.patterns.forwarder import ForwarderProcess
 
 from .conftest import wait_until

@@ -12,7 +12,16 @@ import msgpack
 import pytest
 import zmq
 
-from zfabric import Envelope, IdSource, Kind, ReadyTimeout, ReceiveTimeout, SendTimeout, SocketOptions, codec
+from zfabric import (
+    Envelope,
+    IdSource,
+    Kind,
+    ReadyTimeout,
+    ReceiveTimeout,
+    SendTimeout,
+    SocketOptions,
+    codec,
+)
 
 from .faces import Face
 

@@ -11,11 +11,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
 
 import zmq
 
 from . import codec
+from ._counters import Counters
 from ._logs import Throttled
 from ._socket import SocketOwner
 from .envelope import Envelope
@@ -24,17 +24,20 @@ from .errors import DecodeError, ReceiveTimeout
 log = logging.getLogger("zfabric")
 
 
-@dataclass
-class Counters:
-    """Counters shared by every pattern object; subclasses add their own."""
+_bad_input = Throttled(log)
 
-    sent: int = 0
-    received: int = 0
-    decode_errors: int = 0
 
-    def snapshot(self) -> dict[str, int]:
-        """A plain dict copy, for printing or JSON."""
-        return asdict(self)
+def decode_counted(frames: Sequence[bytes], stats: Counters, who: str,
+                   decode: Callable[[Sequence[bytes]], Envelope] = codec.decode) -> Envelope | None:
+    """The envelope in `frames`, or None when they are not one: counted in `stats`, logged (throttled per `who`)."""
+    try:
+        env = decode(frames)
+    except DecodeError as exc:
+        stats.decode_errors += 1
+        _bad_input.warning(who, "%s: %s", who, exc)
+        return None
+    stats.received += 1
+    return env
 
 
 class Inbox(SocketOwner):
@@ -42,21 +45,14 @@ class Inbox(SocketOwner):
 
     stats: Counters
     _decode: Callable[[Sequence[bytes]], Envelope] = staticmethod(codec.decode)
-    _bad_log = Throttled(log)
 
     _pending: deque[Envelope] | None = None
     """Envelopes received while waiting for something else (a readiness probe), served first."""
 
     def _accept(self, frames: list[bytes]) -> Envelope | None:
         """The envelope in `frames`, or None (counted and logged) when they are not one."""
-        try:
-            env = self._decode(frames)
-        except DecodeError as exc:
-            self.stats.decode_errors += 1
-            self._bad_log.warning(f"{type(self).__name__}:{self.endpoint}", "%s on %s: %s", type(self).__name__, self.endpoint, exc)
-            return None
-        self.stats.received += 1
-        return self._after_accept(env)
+        env = decode_counted(frames, self.stats, f"{type(self).__name__} on {self.endpoint}", self._decode)
+        return None if env is None else self._after_accept(env)
 
     def _after_accept(self, env: Envelope) -> Envelope | None:
         """Hook for patterns that look at each envelope (sequence gaps, control topics)."""

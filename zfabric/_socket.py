@@ -101,6 +101,8 @@ class SocketOwner:
     _asyncio: ClassVar[bool] = False
     _socket_type: ClassVar[int]
     _tune: ClassVar[Mapping[int, Any]] = {}
+    _sock: Any
+    """A zmq.Socket or a zmq.asyncio.Socket, by face; the I/O methods of each face know which."""
 
     def __init__(
         self,
@@ -190,7 +192,7 @@ class PeerWatch:
     def __init__(self, sock: zmq.Socket) -> None:
         self._monitor = sock.get_monitor_socket(self.EVENTS)
         self._monitor.setsockopt(zmq.RCVHWM, 0)
-        self._drain_sock = zmq.Socket.shadow(self._monitor.underlying)
+        self._drain_sock: zmq.Socket[bytes] = zmq.Socket.shadow(self._monitor.underlying)
         self.peers = 0
 
     def drain(self) -> int:
@@ -209,8 +211,8 @@ class PeerWatch:
                 self.peers = max(0, self.peers - 1)
 
     @property
-    def socket(self) -> zmq.Socket:
-        """The monitor socket, for polling in either face."""
+    def socket(self) -> Any:
+        """The monitor socket (sync or asyncio, like the watched one), for polling in either face."""
         return self._monitor
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ both: `@tcp://127.0.0.1:5555`. Without a prefix the caller's default applies.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -77,7 +78,7 @@ def _validate(address: str, original: str) -> None:
             raise ConfigError(f"endpoint {original!r}: port must be 0-65535 or '*', got {port!r}")
 
 
-def parse_many(texts: str | Endpoint | list[str | Endpoint] | tuple[str | Endpoint, ...], *, bind: bool | None, default_bind: bool) -> list[Endpoint]:
+def parse_many(texts: str | Endpoint | Sequence[str | Endpoint], *, bind: bool | None, default_bind: bool) -> list[Endpoint]:
     """Parse one endpoint or a list of them with the same defaults; at least one is required."""
     items = [texts] if isinstance(texts, (str, Endpoint)) else list(texts)
     if not items:

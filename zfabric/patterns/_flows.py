@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._counters import Counters
 from ..envelope import Envelope, Kind
 from ..errors import RemoteError, RequestTimeout
 
@@ -35,22 +36,15 @@ def remote_error(env: Envelope, member: str | None = None) -> RemoteError:
 
 
 @dataclass
-class RequestCounters:
+class RequestCounters(Counters):
     """What a requester has seen."""
 
-    sent: int = 0
-    received: int = 0
-    decode_errors: int = 0
     replies: int = 0
     remote_errors: int = 0
     retries: int = 0
     timeouts: int = 0
     stray_replies: int = 0
     sockets_opened: int = 1
-
-    def snapshot(self) -> dict[str, int]:
-        """A plain dict copy."""
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -208,22 +202,15 @@ class GatherResult:
 
 
 @dataclass
-class GatherCounters:
+class GatherCounters(Counters):
     """What a scatterer has seen."""
 
-    sent: int = 0
-    received: int = 0
-    decode_errors: int = 0
     rounds: int = 0
     replies: int = 0
     remote_errors: int = 0
     late_replies: int = 0
     stray_replies: int = 0
     unsent: int = 0
-
-    def snapshot(self) -> dict[str, int]:
-        """A plain dict copy."""
-        return dict(self.__dict__)
 
 
 @dataclass

@@ -22,16 +22,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import zmq
 
 from .. import codec
+from .._counters import CounterSet
 from .._logs import Throttled
 from .._socket import AnyContext, context_for, open_socket
 from ..endpoint import Endpoint
 from ..errors import FabricError
-from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB, DEFAULT_OPTIONS, SocketOptions
+from ..options import (
+    DEFAULT_FORWARDER_XPUB,
+    DEFAULT_FORWARDER_XSUB,
+    DEFAULT_OPTIONS,
+    SocketOptions,
+)
 
 log = logging.getLogger("zfabric.forwarder")
 
@@ -40,7 +46,7 @@ _BATCH = 1000
 
 
 @dataclass
-class ForwarderCounters:
+class ForwarderCounters(CounterSet):
     """What a forwarder has done since it started."""
 
     messages_in: int = 0
@@ -51,10 +57,6 @@ class ForwarderCounters:
     unsubscribe_events: int = 0
     probes: int = 0
     rejected: int = 0
-
-    def snapshot(self) -> dict[str, int]:
-        """A plain dict copy."""
-        return asdict(self)
 
 
 class Forwarder:

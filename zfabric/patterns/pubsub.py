@@ -15,8 +15,8 @@ it counts their subscriptions itself.
 from __future__ import annotations
 
 import os
-from collections import deque
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +24,8 @@ from typing import Any
 import zmq
 
 from .. import codec
-from .._receive import AsyncInbox, Counters, Inbox, SyncInbox, _remaining_ms
+from .._counters import Counters
+from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
 from .._socket import AnyContext, SocketOwner
 from ..endpoint import Endpoint, parse_many
 from ..envelope import Envelope, IdSource, Kind
@@ -202,6 +203,8 @@ class _SubscriberBase(Inbox):
 
     _socket_type = zmq.SUB
     _decode = staticmethod(codec.decode_published)
+    stats: SubscriberCounters
+    _pending: deque[Envelope]
 
     def __init__(
         self,

@@ -17,7 +17,8 @@ from typing import Any
 import zmq
 
 from .. import codec
-from .._receive import AsyncInbox, Counters, Inbox, SyncInbox, _remaining_ms
+from .._counters import Counters
+from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
 from .._socket import AnyContext, PeerWatch, SocketOwner
 from ..endpoint import Endpoint, parse_many
 from ..envelope import Envelope, IdSource, Kind
@@ -141,7 +142,7 @@ class AsyncProducer(_ProducerBase):
         else:
             try:
                 await asyncio.wait_for(self._sock.send_multipart(frames, copy=False), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise self._timed_out(timeout) from None
         self.stats.sent += 1
 

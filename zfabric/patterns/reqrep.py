@@ -25,13 +25,20 @@ from typing import Any
 import zmq
 
 from .. import codec
+from .._counters import Counters
 from .._logs import Throttled
-from .._receive import Counters
+from .._receive import decode_counted
 from .._socket import AnyContext, SocketOwner, open_socket
 from ..endpoint import Endpoint, parse_many
 from ..envelope import Envelope, IdSource, Kind
-from ..errors import ClosedError, DecodeError, EncodeError, FabricError
-from ..options import DEFAULT_REQUEST_RETRIES, DEFAULT_REQUEST_TIMEOUT, UNSET, SocketOptions, Unset
+from ..errors import ClosedError, EncodeError, FabricError
+from ..options import (
+    DEFAULT_REQUEST_RETRIES,
+    DEFAULT_REQUEST_TIMEOUT,
+    UNSET,
+    SocketOptions,
+    Unset,
+)
 from ._flows import RequestCounters, RequestFlow
 
 log = logging.getLogger("zfabric.reqrep")
@@ -92,13 +99,9 @@ class _ReplierBase(SocketOwner):
             route, payload = frames[:2], frames[2:]
         else:
             route, payload = frames[:1], frames[1:]
-        try:
-            env = codec.decode(payload)
-        except DecodeError as exc:
-            self.stats.decode_errors += 1
-            self._bad_log.warning("decode", "replier %s: %s", self.endpoint, exc)
+        env = decode_counted(payload, self.stats, f"replier {self.endpoint}")
+        if env is None:
             return None
-        self.stats.received += 1
         if env.kind is not Kind.REQUEST:
             self.stats.invalid += 1
             self._bad_log.warning("kind", "replier %s: ignored a %s envelope (expected a request)", self.endpoint, env.kind.name)
@@ -205,7 +208,7 @@ class AsyncReplier(_ReplierBase):
         super().__init__(endpoints, handler, **kwargs)
         self._limit = asyncio.Semaphore(concurrency)
         self._handler_is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-            getattr(handler, "__call__", None))
+            getattr(handler, "__call__", None))  # noqa: B004 - an object whose __call__ is async
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _answer(self, route: list[bytes], request: Envelope) -> None:
@@ -283,11 +286,10 @@ class _RequesterBase:
         self.stats = RequestCounters()
         self.flow = RequestFlow(self.stats)
         self._ids = IdSource()
-        self._bad_log = Throttled(log)
         self._owner = _DealerOwner(self._specs, options=options, context=context, asyncio=self._asyncio)
         self.options = self._owner.options
         self.endpoints = self._owner.endpoints
-        self._sockets: dict[int, zmq.Socket] = {0: self._owner._sock}
+        self._sockets: dict[int, Any] = {0: self._owner._sock}  # generation -> socket of this face
 
     @property
     def endpoint(self) -> str:
@@ -312,16 +314,10 @@ class _RequesterBase:
         return env, t, r
 
     def _decode_reply(self, frames: list[bytes]) -> tuple[bytes, Any] | None:
-        try:
-            env = codec.decode(frames)
-        except DecodeError as exc:
-            self.stats.decode_errors += 1
-            self._bad_log.warning("decode", "requester %s: %s", self.endpoint, exc)
-            return None
-        self.stats.received += 1
-        return self.flow.on_reply(env)
+        env = decode_counted(frames, self.stats, f"requester {self.endpoint}")
+        return None if env is None else self.flow.on_reply(env)
 
-    def _new_generation(self) -> zmq.Socket:
+    def _new_generation(self) -> Any:
         sock, _ = open_socket(self._owner._ctx, zmq.DEALER, self._specs, self.options, tune=_DealerOwner._tune)
         self._sockets[self.flow.generation] = sock
         return sock
@@ -477,7 +473,7 @@ class AsyncRequester(_RequesterBase):
     def _start_reader(self, generation: int) -> None:
         self._readers[generation] = asyncio.ensure_future(self._read(generation, self._sockets[generation]))
 
-    async def _read(self, generation: int, sock: zmq.Socket) -> None:
+    async def _read(self, generation: int, sock: Any) -> None:
         while True:
             try:
                 frames = await sock.recv_multipart()
@@ -540,7 +536,7 @@ class AsyncRequester(_RequesterBase):
             self._timer.cancel()
         for reader in self._readers.values():
             reader.cancel()
-        for rid, fut in list(self._futures.items()):
+        for fut in list(self._futures.values()):
             if not fut.done():
                 fut.set_exception(ClosedError("requester closed while the request was waiting"))
         self._futures.clear()

@@ -20,10 +20,11 @@ import zmq
 
 from .. import codec
 from .._logs import Throttled
+from .._receive import decode_counted
 from .._socket import AnyContext, SocketOwner
 from ..endpoint import Endpoint
 from ..envelope import Envelope, IdSource, Kind
-from ..errors import ConfigError, DecodeError
+from ..errors import ConfigError
 from ..options import UNSET, SocketOptions, Unset
 from ._flows import GatherBook, GatherCounters, GatherResult, GatherRound
 from .reqrep import log
@@ -100,16 +101,9 @@ class _ScattererBase(SocketOwner):
                 round_.mark_unsent(name, f"unreachable: {exc.strerror}")
 
     def _on_frames(self, frames: list[bytes]) -> GatherRound | None:
-        if len(frames) < 3:
-            self.stats.decode_errors += 1
+        env = decode_counted(frames[1:], self.stats, f"scatterer {self.group or self.endpoint}")
+        if env is None:
             return None
-        try:
-            env = codec.decode(frames[1:])
-        except DecodeError as exc:
-            self.stats.decode_errors += 1
-            self._bad_log.warning("decode", "scatterer: %s", exc)
-            return None
-        self.stats.received += 1
         return self.book.dispatch(frames[0].decode(errors="replace"), env, time.monotonic())
 
     def _finish(self, round_: GatherRound, reduce: Reduce | None) -> GatherResult:
@@ -161,7 +155,7 @@ class AsyncScatterer(_ScattererBase):
             self._waiters[round_.request_id] = waiter
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), max(0.0, round_.deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             finally:
                 self._waiters.pop(round_.request_id, None)
@@ -174,7 +168,7 @@ class AsyncScatterer(_ScattererBase):
         if not fut.done():
             fut.add_done_callback(self._queued_send_done)
         elif fut.exception() is not None:
-            raise fut.exception()  # type: ignore[misc]
+            raise fut.exception()
 
     def _queued_send_done(self, fut: asyncio.Future[Any]) -> None:
         if not fut.cancelled() and fut.exception() is not None:
