@@ -157,3 +157,24 @@ def test_a_plain_req_socket_can_call_a_replier(sync_face: Face, ctx: zmq.Context
     assert req.poll(5000, zmq.POLLIN)
     reply = codec.decode(req.recv_multipart())
     assert reply.kind is Kind.REPLY and reply.correlation_id == env.id and reply.body == {"got": [1, 2]}
+
+
+def test_a_replier_fed_garbage_keeps_answering_valid_requests(face: Face, ctx: zmq.Context) -> None:
+    replier = face.replier("tcp://127.0.0.1:0", lambda env: env.body + 1)
+    raw = ctx.socket(zmq.DEALER)
+    raw.connect(replier.endpoint)
+    ids = IdSource()
+    sent = []
+    for n in range(20):
+        env = Envelope(ids.next(), Kind.REQUEST, "", n, created_at=time.time())
+        sent.append(env.id)
+        raw.send_multipart([b"\xff\x00garbage"])
+        raw.send_multipart([bytes(f) for f in codec.encode(env.replace(kind=Kind.REPLY))])  # not a request
+        raw.send_multipart([bytes(f) for f in codec.encode(env)])  # last, so both bad ones are counted by its reply
+    answers = {}
+    for _ in range(20):
+        assert raw.poll(5000, zmq.POLLIN)
+        reply = codec.decode(raw.recv_multipart())
+        answers[reply.correlation_id] = reply.body
+    assert [answers[i] for i in sent] == [n + 1 for n in range(20)]
+    assert replier.stats.decode_errors == 20 and replier.stats.invalid == 20

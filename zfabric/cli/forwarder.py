@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from typing import Annotated
 
 import typer
@@ -16,14 +17,29 @@ from ..patterns.forwarder import Forwarder
 from ._common import fabric_errors
 
 
-def counters_table(fwd: Forwarder) -> Table:
-    """The forwarder's counters as a rich table."""
-    table = Table(title=f"forwarder  xsub={fwd.xsub_endpoint}  xpub={fwd.xpub_endpoint}")
-    table.add_column("counter")
-    table.add_column("value", justify="right")
-    for name, value in fwd.stats.snapshot().items():
-        table.add_row(name.replace("_", " "), f"{value:,}")
-    return table
+class CountersView:
+    """The forwarder's counters as a rich table, with per-second rates since the last refresh."""
+
+    GAUGES = frozenset({"subscriptions"})
+    """Counters that go up and down; a rate means nothing for them."""
+
+    def __init__(self, fwd: Forwarder) -> None:
+        self.fwd = fwd
+        self._last = fwd.stats.snapshot()
+        self._at = time.monotonic()
+
+    def table(self) -> Table:
+        now, current = time.monotonic(), self.fwd.stats.snapshot()
+        span = max(now - self._at, 1e-6)
+        table = Table(title=f"forwarder  xsub={self.fwd.xsub_endpoint}  xpub={self.fwd.xpub_endpoint}")
+        table.add_column("counter")
+        table.add_column("total", justify="right")
+        table.add_column("per second", justify="right")
+        for name, value in current.items():
+            rate = "" if name in self.GAUGES else f"{(value - self._last[name]) / span:,.0f}"
+            table.add_row(name.replace("_", " "), f"{value:,}", rate)
+        self._last, self._at = current, now
+        return table
 
 
 def counters_line(fwd: Forwarder) -> str:
@@ -61,9 +77,10 @@ def forwarder(
         print(f"zfabric forwarder ready xsub={f.xsub_endpoint} xpub={f.xpub_endpoint}", flush=True)
 
     if use_live:
+        counters = CountersView(fwd)
         with Live(console=console, auto_refresh=False) as view:
-            fwd.run(on_ready=ready, on_tick=lambda f: view.update(counters_table(f), refresh=True), tick=0.5)
-        console.print(counters_table(fwd))
+            fwd.run(on_ready=ready, on_tick=lambda f: view.update(counters.table(), refresh=True), tick=0.5)
+        console.print(counters.table())
     else:
         tick = stats_interval if stats_interval > 0 else 3600.0
         fwd.run(on_ready=ready, on_tick=lambda f: print(counters_line(f), flush=True) if stats_interval > 0 else None, tick=tick)

@@ -390,7 +390,6 @@ class Requester(_RequesterBase):
             outbox.append((self.flow.generation, env))
         results: list[Any] = [None] * len(order)
         left = len(order)
-        poller = zmq.Poller()
         while left:
             outbox = self._flush(outbox)
             poller = zmq.Poller()
