@@ -17,7 +17,7 @@ import zmq
 from . import codec
 from ._counters import Counters
 from ._logs import Throttled
-from ._socket import SocketOwner
+from ._socket import SocketOwner, recv_frames
 from .envelope import Envelope
 from .errors import DecodeError, ReceiveTimeout
 
@@ -76,14 +76,14 @@ class SyncInbox(Inbox):
         sock = self._sock
         if timeout is None:
             while True:
-                env = self._accept(sock.recv_multipart())
+                env = self._accept(recv_frames(sock))
                 if env is not None:
                     return env
         deadline = time.monotonic() + timeout
         while True:
             if not sock.poll(_remaining_ms(deadline), zmq.POLLIN):
                 raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}")
-            env = self._accept(sock.recv_multipart(zmq.NOBLOCK))
+            env = self._accept(recv_frames(sock, zmq.NOBLOCK))
             if env is not None:
                 return env
 

@@ -91,6 +91,37 @@ def open_socket(
         raise TransportError(f"cannot {verb}: {exc.strerror}", endpoint=where, errno=exc.errno) from exc
 
 
+_SNDMORE = int(zmq.SNDMORE)
+_WITH_MORE = {0: _SNDMORE, int(zmq.NOBLOCK): _SNDMORE | int(zmq.NOBLOCK)}
+"""Plain ints: OR-ing pyzmq's IntFlag constants runs enum code on every frame."""
+ZERO_COPY_MIN = 65536
+"""Frames at least this large are handed to libzmq without a copy."""
+
+
+def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -> None:
+    """Send one multipart message from a sync socket, one C-level call per frame.
+
+    pyzmq's send_multipart checks and loops in Python and costs over twice as much for the
+    two or three frames zfabric sends. libzmq queues a multipart message atomically: an
+    EAGAIN can only come on the first frame, and then nothing was sent.
+    """
+    more = _WITH_MORE.get(flags) or (int(flags) | _SNDMORE)
+    for frame in frames[:-1]:
+        sock.send(frame, more)
+    last = frames[-1]
+    sock.send(last, flags, copy=len(last) < ZERO_COPY_MIN)
+
+
+def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
+    """Receive one multipart message on a sync socket, reading the more-flag from each frame."""
+    frame = sock.recv(flags, copy=False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(0, copy=False)
+        frames.append(frame.bytes)
+    return frames
+
+
 class SocketOwner:
     """Base of every pattern object: owns one socket and, if it made it, the context.
 

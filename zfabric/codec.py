@@ -54,6 +54,7 @@ def validate_topic(topic: str) -> bytes:
     return data
 
 _KINDS = tuple(Kind)
+_make_envelope = tuple.__new__  # every field was validated just above; skip NamedTuple's argument parsing
 _RAW_TYPES = (bytes, bytearray, memoryview)
 
 
@@ -170,4 +171,4 @@ def _decode(header: bytes, body: bytes, frames: Sequence[bytes]) -> Envelope:
             raise DecodeError(f"body is not valid msgpack: {exc}", frames) from None
     else:
         raise DecodeError(f"unknown body format {fmt!r}", frames)
-    return Envelope(id_, _KINDS[kind], topic, value, corr, reply_to, attempt, created, deadline, headers, seq)
+    return _make_envelope(Envelope, (id_, _KINDS[kind], topic, value, corr, reply_to, attempt, created, deadline, headers, seq))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import itertools
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -24,12 +22,13 @@ class Kind(enum.IntEnum):
     ERROR = 3
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
     """One message: identity, routing, delivery bookkeeping, headers and body.
 
     `body` is any msgpack-serializable value, or raw bytes that travel verbatim.
-    Envelopes never change; `with_attempt()` and `replace()` return new ones.
+    Envelopes never change; `with_attempt()` and `replace()` return new ones. (It is a
+    NamedTuple because that is the cheapest immutable value Python builds, which matters
+    on every send and receive; compare envelopes with each other, not with plain tuples.)
     """
 
     id: bytes
@@ -41,7 +40,7 @@ class Envelope:
     attempt: int = 1
     created_at: float = 0.0
     deadline: float | None = None
-    headers: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    headers: Mapping[str, Any] = _EMPTY
     seq: int | None = None
 
     @classmethod
@@ -74,11 +73,11 @@ class Envelope:
 
     def with_attempt(self, attempt: int) -> Envelope:
         """The same message with another attempt count (used by retries and redelivery)."""
-        return dataclasses.replace(self, attempt=attempt)
+        return self._replace(attempt=attempt)
 
     def replace(self, **changes: Any) -> Envelope:
-        """A copy with the given fields changed."""
-        return dataclasses.replace(self, **changes)
+        """A copy with the given fields changed (unknown field names raise ValueError)."""
+        return self._replace(**changes)
 
     def expired(self, now: float | None = None) -> bool:
         """True when the envelope carries a deadline that has passed (wall clock, seconds)."""

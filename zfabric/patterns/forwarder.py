@@ -29,7 +29,7 @@ import zmq
 from .. import codec
 from .._counters import CounterSet
 from .._logs import Throttled
-from .._socket import AnyContext, context_for, open_socket
+from .._socket import AnyContext, context_for, open_socket, recv_frames, send_frames
 from ..endpoint import Endpoint
 from ..errors import FabricError
 from ..options import (
@@ -127,7 +127,7 @@ class Forwarder:
             if xsub in ready:
                 for _ in range(_BATCH):
                     try:
-                        frames = xsub.recv_multipart(zmq.NOBLOCK)
+                        frames = recv_frames(xsub, zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     stats.messages_in += 1
@@ -135,7 +135,7 @@ class Forwarder:
                     if frames[0][:1] == codec.CONTROL_PREFIX:
                         self._reject("publisher sent a reserved control topic", frames[0])
                         continue
-                    xpub.send_multipart(frames)
+                    send_frames(xpub, frames)
                     stats.messages_out += 1
             if xpub in ready:
                 for _ in range(_BATCH):

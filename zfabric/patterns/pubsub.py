@@ -26,7 +26,7 @@ import zmq
 from .. import codec
 from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
-from .._socket import AnyContext, SocketOwner
+from .._socket import AnyContext, SocketOwner, recv_frames, send_frames
 from ..endpoint import Endpoint, parse_many
 from ..envelope import Envelope, IdSource, Kind
 from ..errors import ReadyTimeout
@@ -118,7 +118,7 @@ class Publisher(_PublisherBase):
         """Publish one message; never blocks (a full high-water mark drops, and subscribers count it)."""
         self._check_open()
         env, frames = self._frames(topic, body, headers)
-        self._sock.send_multipart(frames, copy=False)
+        send_frames(self._sock, frames)
         self.stats.sent += 1
         self._until_drain -= 1
         if not self._until_drain:
@@ -286,7 +286,7 @@ class Subscriber(_SubscriberBase, SyncInbox):
             while probe not in self._probes_seen:
                 if not self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
                     raise ReadyTimeout(f"subscriptions not confirmed within {timeout:g} s by {self.endpoint}")
-                env = self._accept(self._sock.recv_multipart(zmq.NOBLOCK))
+                env = self._accept(recv_frames(self._sock, zmq.NOBLOCK))
                 if env is not None:
                     self._pending.append(env)
         finally:

@@ -19,7 +19,7 @@ import zmq
 from .. import codec
 from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
-from .._socket import AnyContext, PeerWatch, SocketOwner
+from .._socket import AnyContext, PeerWatch, SocketOwner, send_frames
 from ..endpoint import Endpoint, parse_many
 from ..envelope import Envelope, IdSource, Kind
 from ..errors import ReadyTimeout, SendTimeout
@@ -94,12 +94,12 @@ class Producer(_ProducerBase):
         timeout = self._timeout(timeout)
         sock = self._sock
         if timeout is None:
-            sock.send_multipart(frames, copy=False)
+            send_frames(sock, frames)
         else:
             deadline = time.monotonic() + timeout
             while True:
                 try:
-                    sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    send_frames(sock, frames, zmq.NOBLOCK)
                     break
                 except zmq.Again:
                     if not sock.poll(_remaining_ms(deadline), zmq.POLLOUT):

@@ -28,7 +28,7 @@ from .. import codec
 from .._counters import Counters
 from .._logs import Throttled
 from .._receive import decode_counted
-from .._socket import AnyContext, SocketOwner, open_socket
+from .._socket import AnyContext, SocketOwner, open_socket, recv_frames, send_frames
 from ..endpoint import Endpoint, parse_many
 from ..envelope import Envelope, IdSource, Kind
 from ..errors import ClosedError, EncodeError, FabricError
@@ -159,7 +159,7 @@ class Replier(_ReplierBase):
         except Exception as exc:
             out = self._reply(route, request, exc=exc)
         try:
-            self._sock.send_multipart(out, zmq.NOBLOCK)
+            send_frames(self._sock, out, zmq.NOBLOCK)
             self.stats.sent += 1
         except zmq.ZMQError as exc:
             self._undeliverable(exc)
@@ -174,7 +174,7 @@ class Replier(_ReplierBase):
                 continue
             while max_requests is None or handled < max_requests:
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_frames(sock, zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 self.handle_one(frames)
@@ -402,7 +402,7 @@ class Requester(_RequesterBase):
             for sock, _ in poller.poll(wait):
                 while True:
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = recv_frames(sock, zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     done = self._decode_reply(frames)
@@ -428,7 +428,7 @@ class Requester(_RequesterBase):
         for i, (gen, env) in enumerate(outbox):
             sock = self._sockets.get(gen) or self._sockets[self.flow.generation]
             try:
-                sock.send_multipart(codec.encode(env), zmq.NOBLOCK)
+                send_frames(sock, codec.encode(env), zmq.NOBLOCK)
             except zmq.Again:
                 return outbox[i:]
             self.stats.sent += 1

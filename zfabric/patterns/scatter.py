@@ -21,7 +21,7 @@ import zmq
 from .. import codec
 from .._logs import Throttled
 from .._receive import decode_counted
-from .._socket import AnyContext, SocketOwner
+from .._socket import AnyContext, SocketOwner, recv_frames, send_frames
 from ..endpoint import Endpoint
 from ..envelope import Envelope, IdSource, Kind
 from ..errors import ConfigError
@@ -119,14 +119,14 @@ class Scatterer(_ScattererBase):
         """Run one round; returns when all answered, the quorum is met, or the deadline passes."""
         round_, frames = self._open_round(body, headers, deadline, quorum)
         sock = self._sock
-        self._send_all(round_, frames, lambda f: sock.send_multipart(f, zmq.NOBLOCK))
+        self._send_all(round_, frames, lambda f: send_frames(sock, f, zmq.NOBLOCK))
         while not round_.finished(time.monotonic()):
             wait = max(0, int((round_.deadline - time.monotonic()) * 1000) + 1)
             if not sock.poll(wait, zmq.POLLIN):
                 continue
             while True:
                 try:
-                    got = sock.recv_multipart(zmq.NOBLOCK)
+                    got = recv_frames(sock, zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 self._on_frames(got)
