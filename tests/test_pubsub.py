@@ -191,6 +191,8 @@ def test_reserved_topics_are_refused(face: Face, thread_forwarder: Forwarder) ->
     sub = face.subscriber(thread_forwarder.xpub_endpoint)
     with pytest.raises(ConfigError, match="reserved"):
         sub.subscribe("\x00")
+    with pytest.raises(ConfigError, match="not subscribed"):
+        sub.unsubscribe("never")
 
 
 def test_publishing_resumes_after_the_forwarder_is_killed_and_restarted(face: Face) -> None:

@@ -152,3 +152,16 @@ def test_consumer_skips_foreign_frames_and_keeps_delivering_valid_ones(face: Fac
     assert got == list(range(51))
     assert consumer.stats.decode_errors == 50
     assert consumer.stats.received == 51
+
+
+def test_send_many_reports_what_went_out_before_a_timeout(face: Face) -> None:
+    small = SocketOptions(send_hwm=2, receive_hwm=2)
+    consumer = face.consumer("tcp://127.0.0.1:0", options=small)
+    producer = face.producer(consumer.endpoint, options=small)
+    producer.wait_for_consumers(1, timeout=10.0)
+    with pytest.raises(SendTimeout) as info:
+        blob = b"x" * 200_000
+        producer.send_many(([n, blob] for n in range(10_000)), timeout=0.3)
+    went = [env.body[0] for env in info.value.sent]
+    assert went == list(range(len(went))) and 0 < len(went) < 10_000
+    assert [consumer.receive(timeout=5.0).body[0] for _ in went] == went

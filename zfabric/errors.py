@@ -66,7 +66,12 @@ class FabricTimeout(FabricError, TimeoutError):
 
 
 class SendTimeout(FabricTimeout):
-    """The peer's queue stayed full (high-water mark) for the whole send timeout; nothing was sent."""
+    """The peer's queue stayed full (high-water mark) for the whole send timeout; that message was not sent.
+
+    From a batch send, `sent` lists the envelopes that did go out before it.
+    """
+
+    sent: list = []  # noqa: RUF012 - set per instance by batch sends
 
 
 class ReceiveTimeout(FabricTimeout):

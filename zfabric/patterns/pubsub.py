@@ -29,7 +29,7 @@ from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
 from .._socket import AnyContext, SocketOwner, recv_frames, send_frames
 from ..endpoint import Endpoint, parse_many
 from ..envelope import Envelope, IdSource, Kind
-from ..errors import ReadyTimeout
+from ..errors import ConfigError, ReadyTimeout
 from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB, SocketOptions
 
 EndpointArg = str | Endpoint | Sequence[str | Endpoint]
@@ -238,6 +238,8 @@ class _SubscriberBase(Inbox):
     def unsubscribe(self, topic: str) -> None:
         """Stop receiving `topic` (one earlier subscribe of it)."""
         self._check_open()
+        if topic not in self.topics:
+            raise ConfigError(f"not subscribed to {topic!r} (subscribed: {self.topics})")
         self._sock.setsockopt(zmq.UNSUBSCRIBE, codec.validate_topic(topic))
         self.topics.remove(topic)
 

@@ -108,8 +108,19 @@ class Producer(_ProducerBase):
 
     def send_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
                   timeout: float | None | Unset = UNSET) -> list[Envelope]:
-        """Send each body in turn; returns the envelopes sent (stops at the first timeout)."""
-        return [self.send(b, headers=headers, timeout=timeout) for b in bodies]
+        """Send each body in turn; returns the envelopes sent.
+
+        The timeout applies to each message; on the first SendTimeout, its `sent` attribute
+        lists what went out before it.
+        """
+        sent: list[Envelope] = []
+        try:
+            for body in bodies:
+                sent.append(self.send(body, headers=headers, timeout=timeout))
+        except SendTimeout as exc:
+            exc.sent = sent
+            raise
+        return sent
 
     def wait_for_consumers(self, count: int = 1, timeout: float = 10.0) -> int:
         """Block until `count` consumers are connected, so a burst is spread over all of them."""
@@ -148,8 +159,15 @@ class AsyncProducer(_ProducerBase):
 
     async def send_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
                         timeout: float | None | Unset = UNSET) -> list[Envelope]:
-        """Send each body in turn; returns the envelopes sent."""
-        return [await self.send(b, headers=headers, timeout=timeout) for b in bodies]
+        """Send each body in turn; returns the envelopes sent (on SendTimeout, in its `sent`)."""
+        sent: list[Envelope] = []
+        try:
+            for body in bodies:
+                sent.append(await self.send(body, headers=headers, timeout=timeout))
+        except SendTimeout as exc:
+            exc.sent = sent
+            raise
+        return sent
 
     async def wait_for_consumers(self, count: int = 1, timeout: float = 10.0) -> int:
         """Wait until `count` consumers are connected."""
