@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Any
@@ -178,3 +179,16 @@ def test_a_replier_fed_garbage_keeps_answering_valid_requests(face: Face, ctx: z
         answers[reply.correlation_id] = reply.body
     assert [answers[i] for i in sent] == [n + 1 for n in range(20)]
     assert replier.stats.decode_errors == 20 and replier.stats.invalid == 20
+
+
+def test_a_frozen_replier_is_bypassed_by_retries(face: Face, processes: Processes) -> None:
+    echoes = [processes.zfabric("echo", "-e", "tcp://127.0.0.1:0") for _ in range(2)]
+    endpoints = [processes.wait_line(p, r"endpoint=(\S+)").group(1) for p in echoes]
+    requester = face.requester(endpoints, timeout=0.5, retries=3)
+    assert requester.request_many(["a", "b"]) == ["a", "b"]
+    echoes[0].send_signal(signal.SIGSTOP)
+    try:
+        assert requester.request_many(list(range(20))) == list(range(20))
+        assert requester.stats.retries >= 1
+    finally:
+        echoes[0].send_signal(signal.SIGCONT)

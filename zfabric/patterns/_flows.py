@@ -10,7 +10,6 @@ The drivers only move frames and wait.
 from __future__ import annotations
 
 import heapq
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,12 +62,14 @@ class RequestFlow:
         self.stats = stats
         self.pending: dict[bytes, _Pending] = {}
         self.generation = 0
-        self._generation_born = time.monotonic()
+        self._generation_born: float | None = None  # set by the first submit: the flow reads no clock itself
         self._per_generation: Counter[int] = Counter()
         self._timers: list[tuple[float, bytes]] = []
 
     def submit(self, env: Envelope, timeout: float, retries: int, now: float) -> None:
         """Record a request that is about to go out on the current generation."""
+        if self._generation_born is None:
+            self._generation_born = now
         self.pending[env.id] = _Pending(env, timeout, retries, now + timeout, self.generation)
         self._per_generation[self.generation] += 1
         heapq.heappush(self._timers, (now + timeout, env.id))
@@ -119,7 +120,8 @@ class RequestFlow:
                 f"no reply to request {rid.hex()} after {attempts} attempt(s) of {p.timeout:g} s",
                 request_id=rid, attempts=attempts, timeout=p.timeout,
             )))
-        fresh = bool(retry) and now - self._generation_born >= MIN_SOCKET_AGE
+        born = now if self._generation_born is None else self._generation_born
+        fresh = bool(retry) and now - born >= MIN_SOCKET_AGE
         if fresh:
             self.generation += 1
             self._generation_born = now
