@@ -51,7 +51,7 @@ class Inbox(SocketOwner):
 
     def _accept(self, frames: list[bytes]) -> Envelope | None:
         """The envelope in `frames`, or None (counted and logged) when they are not one."""
-        env = decode_counted(frames, self.stats, f"{type(self).__name__} on {self.endpoint}", self._decode)
+        env = decode_counted(frames, self.stats, self._who, self._decode)
         return None if env is None else self._after_accept(env)
 
     def _after_accept(self, env: Envelope) -> Envelope | None:

@@ -161,6 +161,8 @@ class SocketOwner:
             if self._owns_ctx:
                 self._ctx.term()
             raise
+        self._who = f"{type(self).__name__} on {self.endpoint}"
+        """How logs name this object; built once, not per message."""
         self._warn_exposed()
 
     @property

@@ -78,7 +78,11 @@ def _validate(address: str, original: str) -> None:
             raise ConfigError(f"endpoint {original!r}: port must be 0-65535 or '*', got {port!r}")
 
 
-def parse_many(texts: str | Endpoint | Sequence[str | Endpoint], *, bind: bool | None, default_bind: bool) -> list[Endpoint]:
+EndpointArg = str | Endpoint | Sequence[str | Endpoint]
+"""One address or several, as strings or parsed Endpoints."""
+
+
+def parse_many(texts: EndpointArg, *, bind: bool | None, default_bind: bool) -> list[Endpoint]:
     """Parse one endpoint or a list of them with the same defaults; at least one is required."""
     items = [texts] if isinstance(texts, (str, Endpoint)) else list(texts)
     if not items:

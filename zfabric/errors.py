@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 class FabricError(Exception):
@@ -71,7 +72,9 @@ class SendTimeout(FabricTimeout):
     From a batch send, `sent` lists the envelopes that did go out before it.
     """
 
-    sent: list = []  # noqa: RUF012 - set per instance by batch sends
+    def __init__(self, message: str, sent: Sequence[Any] = ()) -> None:
+        self.sent: list[Any] = list(sent)
+        super().__init__(message)
 
 
 class ReceiveTimeout(FabricTimeout):

@@ -27,12 +27,10 @@ from .. import codec
 from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
 from .._socket import AnyContext, SocketOwner, recv_frames, send_frames
-from ..endpoint import Endpoint, parse_many
+from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource, Kind
 from ..errors import ConfigError, ReadyTimeout
 from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB, SocketOptions
-
-EndpointArg = str | Endpoint | Sequence[str | Endpoint]
 
 _DRAIN_EVERY = 256
 """A publisher reads its subscription traffic at least once per this many publishes."""

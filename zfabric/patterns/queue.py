@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +20,10 @@ from .. import codec
 from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
 from .._socket import AnyContext, PeerWatch, SocketOwner, send_frames
-from ..endpoint import Endpoint, parse_many
+from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource, Kind
 from ..errors import ReadyTimeout, SendTimeout
 from ..options import UNSET, SocketOptions, Unset
-
-EndpointArg = str | Endpoint | Sequence[str | Endpoint]
 
 
 @dataclass

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from .._counters import Counters
 from .._logs import Throttled
 from .._receive import decode_counted
 from .._socket import AnyContext, SocketOwner, open_socket, recv_frames, send_frames
-from ..endpoint import Endpoint, parse_many
+from ..endpoint import Endpoint, EndpointArg, parse_many
 from ..envelope import Envelope, IdSource, Kind
 from ..errors import ClosedError, EncodeError, FabricError
 from ..options import (
@@ -43,7 +43,6 @@ from ._flows import RequestCounters, RequestFlow
 
 log = logging.getLogger("zfabric.reqrep")
 
-EndpointArg = str | Endpoint | Sequence[str | Endpoint]
 Handler = Callable[[Envelope], Any]
 """A replier handler: takes the request envelope, returns the reply body (or an awaitable of it)."""
 
@@ -99,7 +98,7 @@ class _ReplierBase(SocketOwner):
             route, payload = frames[:2], frames[2:]
         else:
             route, payload = frames[:1], frames[1:]
-        env = decode_counted(payload, self.stats, f"replier {self.endpoint}")
+        env = decode_counted(payload, self.stats, self._who)
         if env is None:
             return None
         if env.kind is not Kind.REQUEST:
@@ -289,6 +288,7 @@ class _RequesterBase:
         self._owner = _DealerOwner(self._specs, options=options, context=context, asyncio=self._asyncio)
         self.options = self._owner.options
         self.endpoints = self._owner.endpoints
+        self._who = f"{type(self).__name__} on {self.endpoint}"
         self._sockets: dict[int, Any] = {0: self._owner._sock}  # generation -> socket of this face
 
     @property
@@ -314,7 +314,7 @@ class _RequesterBase:
         return env, t, r
 
     def _decode_reply(self, frames: list[bytes]) -> tuple[bytes, Any] | None:
-        env = decode_counted(frames, self.stats, f"requester {self.endpoint}")
+        env = decode_counted(frames, self.stats, self._who)
         return None if env is None else self.flow.on_reply(env)
 
     def _new_generation(self) -> Any:
@@ -541,5 +541,3 @@ class AsyncRequester(_RequesterBase):
         self._futures.clear()
         super().close(linger_ms)
 
-
-AsyncHandler = Callable[[Envelope], Awaitable[Any]]

@@ -12,6 +12,7 @@ next round.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,7 +28,8 @@ from ..envelope import Envelope, IdSource, Kind
 from ..errors import ConfigError
 from ..options import UNSET, SocketOptions, Unset
 from ._flows import GatherBook, GatherCounters, GatherResult, GatherRound
-from .reqrep import log
+
+log = logging.getLogger("zfabric.scatter")
 
 Members = Mapping[str, str | Endpoint] | Sequence[tuple[str, str | Endpoint]]
 Reduce = Callable[[list[Any]], Any]
@@ -101,7 +103,7 @@ class _ScattererBase(SocketOwner):
                 round_.mark_unsent(name, f"unreachable: {exc.strerror}")
 
     def _on_frames(self, frames: list[bytes]) -> GatherRound | None:
-        env = decode_counted(frames[1:], self.stats, f"scatterer {self.group or self.endpoint}")
+        env = decode_counted(frames[1:], self.stats, self._who)
         if env is None:
             return None
         return self.book.dispatch(frames[0].decode(errors="replace"), env, time.monotonic())
