@@ -7,7 +7,7 @@ Patterns speak in endpoints, options and envelopes; they ask this module for a s
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -48,11 +48,14 @@ def open_socket(
     *,
     tune: Mapping[int, Any] | None = None,
     routing_ids: Sequence[bytes | None] | None = None,
+    before_connect: Callable[[Any], None] | None = None,
 ) -> tuple[zmq.Socket, list[str]]:
     """A configured socket bound or connected to each endpoint, and the addresses it actually has.
 
     `tune` holds pattern-specific options (IMMEDIATE, ROUTER_MANDATORY, ...); `routing_ids`
-    gives, per endpoint, the routing id a ROUTER uses for that connection.
+    gives, per endpoint, the routing id a ROUTER uses for that connection; `before_connect`
+    runs on the configured socket before any bind or connect (a monitor attached later
+    would miss the first handshakes).
     """
     try:
         sock = context.socket(socket_type)
@@ -72,6 +75,8 @@ def open_socket(
             sock.setsockopt(zmq.HEARTBEAT_TTL, options.heartbeat_timeout_ms)
         for opt, value in (tune or {}).items():
             sock.setsockopt(opt, value)
+        if before_connect is not None:
+            before_connect(sock)
         actual: list[str] = []
         for i, ep in enumerate(endpoints):
             current = ep
@@ -132,6 +137,8 @@ class SocketOwner:
     _asyncio: ClassVar[bool] = False
     _socket_type: ClassVar[int]
     _tune: ClassVar[Mapping[int, Any]] = {}
+    _watch_peers: ClassVar[bool] = False
+    """Subclasses that wait for peers set this; `_peers` then counts them from the first handshake."""
     _sock: Any
     """A zmq.Socket or a zmq.asyncio.Socket, by face; the I/O methods of each face know which."""
 
@@ -148,6 +155,7 @@ class SocketOwner:
         self._ctx, self._owns_ctx = context_for(context, self._asyncio)
         self._closed = False
         self._endpoint_specs = list(endpoints)
+        self._peers: PeerWatch | None = None
         try:
             self._sock, self.endpoints = open_socket(
                 self._ctx,
@@ -156,8 +164,11 @@ class SocketOwner:
                 self.options,
                 tune={**self._tune, **(tune or {})},
                 routing_ids=routing_ids,
+                before_connect=self._attach_peer_watch if self._watch_peers else None,
             )
         except BaseException:
+            if self._peers is not None:
+                self._peers.close()
             if self._owns_ctx:
                 self._ctx.term()
             raise
@@ -184,7 +195,12 @@ class SocketOwner:
             if not ep.is_loopback:
                 log.warning("%s: %s is reachable beyond this host and traffic is not encrypted", type(self).__name__, ep.address)
 
+    def _attach_peer_watch(self, sock: Any) -> None:
+        self._peers = PeerWatch(sock)
+
     def _close_sockets(self, linger_ms: int) -> None:
+        if self._peers is not None:
+            self._peers.close()
         self._sock.close(linger_ms)
 
     def close(self, linger_ms: int | None = None) -> None:

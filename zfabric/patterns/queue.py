@@ -38,6 +38,8 @@ class _ProducerBase(SocketOwner):
 
     _socket_type = zmq.PUSH
     _tune = {zmq.IMMEDIATE: 1}
+    _watch_peers = True
+    _peers: PeerWatch
 
     def __init__(
         self,
@@ -54,7 +56,6 @@ class _ProducerBase(SocketOwner):
         self.send_timeout = send_timeout
         self.stats = ProducerCounters()
         self._ids = IdSource()
-        self._peers = PeerWatch(self._sock)
 
     def _envelope(self, body: Any, headers: Mapping[str, Any] | None, ttl: float | None) -> Envelope:
         now = time.time()
@@ -69,10 +70,6 @@ class _ProducerBase(SocketOwner):
     def _timed_out(self, timeout: float) -> SendTimeout:
         self.stats.send_timeouts += 1
         return SendTimeout(f"queue full: no consumer accepted the message within {timeout:g} s ({', '.join(self.endpoints)})")
-
-    def _close_sockets(self, linger_ms: int) -> None:
-        self._peers.close()
-        super()._close_sockets(linger_ms)
 
 
 class Producer(_ProducerBase):
