@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import pytest
 import zmq
 
 from zfabric.patterns.forwarder import ForwarderProcess
+from zfabric.sidecar.service import SidecarProcess
 
 from .faces import Face
 
@@ -79,6 +81,15 @@ class Processes:
         self.procs.append(proc)
         return proc
 
+    def python(self, *args: str, **kwargs: object) -> subprocess.Popen[str]:
+        """`python ARGS` from the repository root (e.g. `-m tests.reliable_actors worker ...`)."""
+        proc = subprocess.Popen(
+            [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, text=True, cwd=ROOT, **kwargs,  # type: ignore[call-overload]
+        )
+        self.procs.append(proc)
+        return proc
+
     def wait_line(self, proc: subprocess.Popen[str], pattern: str, timeout: float = 15.0,
                   stream: str = "stdout") -> re.Match[str]:
         """Read lines of `stream` until one matches `pattern` (a readiness line); fail with the output otherwise."""
@@ -105,6 +116,10 @@ class Processes:
     def kill_all(self) -> None:
         for p in self.procs:
             if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)  # a stopped child cannot die until it runs
+                except ProcessLookupError:
+                    pass
                 p.kill()
             try:
                 p.communicate(timeout=5)
@@ -126,6 +141,31 @@ def forwarder_proc() -> Iterator[ForwarderProcess]:
     yield fwd
     fwd.stop()
     fwd.kill()
+
+
+class Sidecars:
+    """`zfabric sidecar` child processes; every one is killed at teardown."""
+
+    def __init__(self) -> None:
+        self.started: list[SidecarProcess] = []
+
+    def start(self, store: Path, queues: list[str] | None = None, *, endpoint: str = "tcp://127.0.0.1:0",
+              args: tuple[str, ...] = ()) -> SidecarProcess:
+        sc = SidecarProcess(str(store), queues or ["orders"], endpoint=endpoint, extra_args=args).start()
+        self.started.append(sc)
+        return sc
+
+    def close(self) -> None:
+        for sc in self.started:
+            sc.stop(3.0)
+            sc.kill()
+
+
+@pytest.fixture
+def sidecars() -> Iterator[Sidecars]:
+    s = Sidecars()
+    yield s
+    s.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:

@@ -132,7 +132,25 @@ def decode_published(frames: Sequence[bytes]) -> Envelope:
     return env
 
 
-def _decode(header: bytes, body: bytes, frames: Sequence[bytes]) -> Envelope:
+def decode_header(header: bytes, frames: Sequence[bytes] | None = None) -> Envelope:
+    """The envelope described by a header frame alone, with `body=None`; the body stays undecoded.
+
+    A store-and-forward hop (the sidecar) checks and records a message this way without
+    paying for, or depending on, the body's contents.
+    """
+    fields, _ = _check_header(header, frames if frames is not None else [header])
+    return _make_envelope(Envelope, fields)
+
+
+def header_with_attempt(header: bytes, attempt: int) -> bytes:
+    """The same header frame with another attempt count; every other field kept byte for byte in meaning."""
+    h = _unpack_header(header)
+    h[6] = attempt
+    return msgpack.packb(h)
+
+
+def _check_header(header: bytes, frames: Sequence[bytes]) -> tuple[tuple[Any, ...], Any]:
+    """The validated envelope fields of a header (body None) and its body format."""
     try:
         h = _unpack_header(header)
     except Exception as exc:  # msgpack raises several unrelated types for hostile input
@@ -162,6 +180,13 @@ def _decode(header: bytes, body: bytes, frames: Sequence[bytes]) -> Envelope:
         raise DecodeError("headers must be a map", frames)
     if seq is not None and (type(seq) is not int or seq < 0):
         raise DecodeError("seq must be a non-negative integer or nil", frames)
+    if fmt != BODY_RAW and fmt != BODY_MSGPACK:
+        raise DecodeError(f"unknown body format {fmt!r}", frames)
+    return (id_, _KINDS[kind], topic, None, corr, reply_to, attempt, created, deadline, headers, seq), fmt
+
+
+def _decode(header: bytes, body: bytes, frames: Sequence[bytes]) -> Envelope:
+    fields, fmt = _check_header(header, frames)
     if fmt == BODY_RAW:
         value: Any = bytes(body)
     elif fmt == BODY_MSGPACK:
@@ -169,6 +194,4 @@ def _decode(header: bytes, body: bytes, frames: Sequence[bytes]) -> Envelope:
             value = _unpack_body(body)
         except Exception as exc:
             raise DecodeError(f"body is not valid msgpack: {exc}", frames) from None
-    else:
-        raise DecodeError(f"unknown body format {fmt!r}", frames)
-    return _make_envelope(Envelope, (id_, _KINDS[kind], topic, value, corr, reply_to, attempt, created, deadline, headers, seq))
+    return _make_envelope(Envelope, (*fields[:3], value, *fields[4:]))

@@ -11,8 +11,13 @@
     │   ├── SendTimeout       back-pressure: the queue stayed full for the whole timeout
     │   ├── ReceiveTimeout    nothing arrived in time
     │   ├── ReadyTimeout      a subscription or subscriber count was not confirmed in time
-    │   └── RequestTimeout    no reply after every attempt
-    └── RemoteError           a replier's handler raised; carries the remote type and message
+    │   ├── RequestTimeout    no reply after every attempt
+    │   └── Unconfirmed       a reliable send got no confirm in time (lists confirmed and unconfirmed)
+    ├── RemoteError           a replier's handler raised; carries the remote type and message
+    ├── Rejected              a sidecar refused a message (unknown queue, not an envelope)
+    └── HandlerSignal         raised by a worker's handler to steer its message
+        ├── RetryAfter        retry this message after a given delay
+        └── DoNotRetry        this failure will not get better: dead-letter the message now
 
 `zmq.ZMQError` is translated into `TransportError` at the socket boundary (`zfabric._socket`).
 """
@@ -105,3 +110,44 @@ class RemoteError(FabricError):
         self.member = member
         where = f" at {member}" if member else ""
         super().__init__(f"{type}: {message}{where}")
+
+
+class Unconfirmed(FabricTimeout):
+    """Reliable sends that the sidecar did not confirm in time; they may or may not have been stored.
+
+    `confirmed` and `unconfirmed` list the envelopes of the call on each side; resending an
+    unconfirmed envelope (same id) never creates a duplicate.
+    """
+
+    def __init__(self, message: str, *, confirmed: Sequence[Any] = (), unconfirmed: Sequence[Any] = ()) -> None:
+        self.confirmed: list[Any] = list(confirmed)
+        self.unconfirmed: list[Any] = list(unconfirmed)
+        super().__init__(message)
+
+
+class Rejected(FabricError):
+    """A sidecar refused a message and will never store it; `reason` says why."""
+
+    def __init__(self, message: str, *, message_id: bytes | None = None, reason: str = "") -> None:
+        self.message_id = message_id
+        self.reason = reason
+        super().__init__(message)
+
+
+class HandlerSignal(FabricError):
+    """Base of the exceptions a worker's handler raises to say what should become of its message."""
+
+
+class RetryAfter(HandlerSignal):
+    """Retry this message after `delay` seconds instead of the policy's backoff (still counts an attempt)."""
+
+    def __init__(self, delay: float, reason: str = "") -> None:
+        if delay < 0:
+            raise ValueError(f"RetryAfter: delay must be >= 0, got {delay}")
+        self.delay = float(delay)
+        self.reason = reason
+        super().__init__(reason or f"retry after {delay:g} s")
+
+
+class DoNotRetry(HandlerSignal):
+    """The failure is permanent (bad data, not a flaky dependency): dead-letter the message now."""

@@ -9,11 +9,11 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import forwarder, pubsub, queue, reqrep, scatter
+from . import dlq, forwarder, pubsub, queue, reqrep, scatter, sidecar
 
 app = typer.Typer(
     name="zfabric",
-    help="A brokerless messaging fabric on ZeroMQ: queues, pub/sub, request-reply, scatter-gather.",
+    help="A brokerless messaging fabric on ZeroMQ: queues, reliable queues, pub/sub, request-reply, scatter-gather.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -58,6 +58,8 @@ app.command()(queue.pull)
 app.command()(reqrep.request)
 app.command()(reqrep.echo)
 app.command()(scatter.scatter)
+app.add_typer(sidecar.app, name="sidecar")
+app.add_typer(dlq.app, name="dlq")
 
 
 def main() -> None:

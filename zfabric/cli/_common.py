@@ -84,3 +84,21 @@ def show(env: Envelope, *, envelope: bool, with_topic: bool = False) -> None:
     else:
         line = dumps(env.body)
     typer.echo(line)
+
+
+class RateView:
+    """Per-second rates of growing counters between two looks."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self._last: dict[str, int] = {}
+        self._at = self._clock()
+
+    def rates(self, current: dict[str, int]) -> dict[str, float]:
+        now = self._clock()
+        span = max(now - self._at, 1e-6)
+        out = {k: (v - self._last.get(k, v)) / span for k, v in current.items()}
+        self._last, self._at = dict(current), now
+        return out

@@ -1,0 +1,290 @@
+"""Workers: take messages from a reliable queue's sidecar, run a handler, acknowledge or fail each one.
+
+The handler's outcome decides the message's fate: it returns (ack), raises (nack; the
+sidecar retries with backoff, then dead-letters), raises RetryAfter (retry after that
+delay) or DoNotRetry, or an exception type listed in `no_retry` (dead-letter now). A
+worker holds at most `window` unacknowledged messages, and heartbeats keep its lease: if
+it dies or freezes, the sidecar gives its messages to another worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import socket as _socketlib
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from .._counters import Counters
+from .._receive import decode_counted
+from .._socket import AnyContext, SocketOwner, open_socket, recv_frames, send_frames
+from ..endpoint import EndpointArg, parse_many
+from ..envelope import Envelope
+from ..errors import ConfigError, DoNotRetry, RetryAfter
+from ..options import SocketOptions
+from ..sidecar import protocol as p
+
+Handler = Callable[[Envelope], Any]
+ACK_BATCH = 64
+"""Acknowledgements sent together at most; fewer when no more messages are waiting."""
+
+
+@dataclass
+class WorkerCounters(Counters):
+    """`received` deliveries; how each ended; how often the sidecar asked this worker to announce itself again."""
+
+    acked: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    reannounced: int = 0
+
+
+class _WorkerBase(SocketOwner):
+    """The no-I/O half of a worker: protocol frames and what a handler's outcome means."""
+
+    _socket_type = zmq.DEALER
+
+    def __init__(
+        self,
+        endpoints: EndpointArg,
+        queue: str,
+        handler: Handler,
+        *,
+        window: int = 100,
+        name: str | None = None,
+        heartbeat: float = 1.0,
+        no_retry: tuple[type[BaseException], ...] = (),
+        options: SocketOptions | None = None,
+        context: AnyContext | None = None,
+    ) -> None:
+        if not callable(handler):
+            raise ConfigError("Worker: handler must be callable (it receives each Envelope)")
+        if type(window) is not int or window < 1:
+            raise ConfigError(f"Worker: window must be a positive integer, got {window!r}")
+        if heartbeat <= 0:
+            raise ConfigError(f"Worker: heartbeat must be a positive number of seconds, got {heartbeat!r}")
+        super().__init__(parse_many(endpoints, bind=False, default_bind=False), options=options, context=context)
+        self.queue = queue
+        self.handler = handler
+        self.window = window
+        self.heartbeat = heartbeat
+        self.no_retry = tuple(no_retry)
+        self.worker_id = os.urandom(8)
+        self.name = name or f"{_socketlib.gethostname()}:{os.getpid()}"
+        self.stats = WorkerCounters()
+        self._acks: list[list[Any]] = []
+        self._stop = threading.Event()
+        self._reannounce = threading.Event()
+
+    def _ready_frames(self) -> list[bytes]:
+        return [p.READY, p.pack({"worker": self.worker_id, "name": self.name, "queue": self.queue, "window": self.window})]
+
+    def _heartbeat_frames(self) -> list[bytes]:
+        return [p.HEARTBEAT, p.pack({"worker": self.worker_id})]
+
+    def _take_acks(self) -> list[bytes] | None:
+        if not self._acks:
+            return None
+        acks, self._acks = self._acks, []
+        return [p.ACK, p.pack({"worker": self.worker_id, "acks": acks})]
+
+    def _incoming(self, frames: list[bytes]) -> Envelope | None:
+        """The delivered envelope, or None after handling a control message (WHO, an error)."""
+        cmd = frames[0] if frames else b""
+        if cmd == p.DELIVER:
+            return decode_counted(frames[1:], self.stats, self._who)
+        if cmd == p.WHO:
+            self._reannounce.set()
+        elif cmd == p.CONTROL_ERROR and len(frames) == 2:
+            raise ConfigError(f"{self._who}: the sidecar refused this worker: {p.unpack(frames[1], 'CTE')}")
+        else:
+            self.stats.decode_errors += 1
+        return None
+
+    def _outcome(self, env: Envelope, exc: BaseException | None) -> list[bytes] | None:
+        """Record an ack (sent in a batch) or return the NAK frames for a failure."""
+        if exc is None:
+            self.stats.acked += 1
+            self._acks.append([env.id, env.attempt])
+            return None
+        self.stats.failed += 1
+        retryable, retry_after = True, None
+        cause: BaseException = exc
+        if isinstance(exc, RetryAfter):
+            retry_after = exc.delay
+        elif isinstance(exc, DoNotRetry) or isinstance(exc, self.no_retry):
+            retryable = False
+            cause = exc.__cause__ if isinstance(exc, DoNotRetry) and exc.__cause__ is not None else exc
+        if not retryable:
+            self.stats.dead_lettered += 1
+        tb = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__, limit=8))
+        return [p.NACK, p.pack({
+            "worker": self.worker_id, "id": env.id, "attempt": env.attempt,
+            "error_type": type(cause).__name__, "error": str(cause)[:2000], "traceback": tb[-8000:],
+            "retry_after": retry_after, "retryable": retryable,
+        })]
+
+    def stop(self) -> None:
+        """Ask run() to return after the message in hand; unacknowledged ones go back to the sidecar's queue."""
+        self._stop.set()
+
+
+class Worker(_WorkerBase):
+    """Runs a handler for each message of a reliable queue; `run()` blocks, `start()` uses a thread.
+
+    Example:  Worker("tcp://127.0.0.1:5580", "orders", handle).run()
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._thread: threading.Thread | None = None
+
+    def run(self, *, max_messages: int | None = None) -> int:
+        """Handle messages until stop() (or `max_messages`); returns how many were handled."""
+        self._check_open()
+        sock = self._sock
+        beat = threading.Thread(target=self._beat, name="zfabric-worker-heartbeat", daemon=True)
+        beat.start()
+        handled = 0
+        try:
+            send_frames(sock, self._ready_frames())
+            while not self._stop.is_set() and (max_messages is None or handled < max_messages):
+                if self._reannounce.is_set():
+                    self._reannounce.clear()
+                    self.stats.reannounced += 1
+                    send_frames(sock, self._ready_frames())
+                if not sock.poll(100, zmq.POLLIN):
+                    continue
+                while max_messages is None or handled < max_messages:
+                    try:
+                        frames = recv_frames(sock, zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    env = self._incoming(frames)
+                    if env is None:
+                        continue
+                    handled += 1
+                    error: BaseException | None = None
+                    try:
+                        self.handler(env)
+                    except Exception as exc:
+                        error = exc
+                    nack = self._outcome(env, error)
+                    if nack is not None:
+                        send_frames(sock, nack)
+                    if len(self._acks) >= ACK_BATCH:
+                        send_frames(sock, self._take_acks())  # type: ignore[arg-type]
+                    if self._stop.is_set():
+                        break
+                acks = self._take_acks()
+                if acks is not None:
+                    send_frames(sock, acks)
+        finally:
+            self._stop.set()
+            beat.join(self.heartbeat + 1.0)
+        return handled
+
+    def _beat(self) -> None:
+        """Heartbeats from a socket of their own, so a long-running handler does not cost the lease."""
+        sock, _ = open_socket(self._ctx, zmq.DEALER, self._endpoint_specs, self.options)
+        try:
+            frames = self._heartbeat_frames()
+            while not self._stop.wait(0):
+                try:
+                    send_frames(sock, frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # not connected right now; the next beat tries again
+                if sock.poll(int(self.heartbeat * 1000), zmq.POLLIN):
+                    reply = recv_frames(sock)
+                    if reply[:1] == [p.WHO]:
+                        self._reannounce.set()
+        finally:
+            sock.close(0)
+
+    def start(self, **kwargs: Any) -> Worker:
+        """Run in a daemon thread (the worker's sockets are used only there from now on)."""
+        self._thread = threading.Thread(target=self.run, kwargs=kwargs, name="zfabric-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask run() to return after the message in hand; joins the thread start() made."""
+        super().stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def close(self, linger_ms: int | None = None) -> None:
+        self.stop()
+        super().close(linger_ms)
+
+
+class AsyncWorker(_WorkerBase):
+    """The asyncio face: `await run()`. Async handlers are awaited; plain ones run in the default thread pool."""
+
+    _asyncio = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._is_async = inspect.iscoroutinefunction(self.handler) or inspect.iscoroutinefunction(
+            getattr(type(self.handler), "__call__", None))
+
+    async def _handle(self, env: Envelope) -> BaseException | None:
+        try:
+            if self._is_async:
+                await self.handler(env)
+            else:
+                await asyncio.get_running_loop().run_in_executor(None, self.handler, env)
+        except Exception as exc:
+            return exc
+        return None
+
+    async def run(self, *, max_messages: int | None = None) -> int:
+        """Handle messages until stop() (or `max_messages`); returns how many were handled."""
+        self._check_open()
+        sock = self._sock
+        beat = asyncio.get_running_loop().create_task(self._beat())
+        handled = 0
+        try:
+            await sock.send_multipart(self._ready_frames())
+            while not self._stop.is_set() and (max_messages is None or handled < max_messages):
+                if self._reannounce.is_set():
+                    self._reannounce.clear()
+                    self.stats.reannounced += 1
+                    await sock.send_multipart(self._ready_frames())
+                if not await sock.poll(100, zmq.POLLIN):
+                    continue
+                while max_messages is None or handled < max_messages:
+                    try:
+                        frames = await sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    env = self._incoming(frames)
+                    if env is None:
+                        continue
+                    handled += 1
+                    nack = self._outcome(env, await self._handle(env))
+                    if nack is not None:
+                        await sock.send_multipart(nack)
+                    if len(self._acks) >= ACK_BATCH:
+                        await sock.send_multipart(self._take_acks())  # type: ignore[arg-type]
+                    if self._stop.is_set():
+                        break
+                acks = self._take_acks()
+                if acks is not None:
+                    await sock.send_multipart(acks)
+        finally:
+            beat.cancel()
+        return handled
+
+    async def _beat(self) -> None:
+        frames = self._heartbeat_frames()
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            await self._sock.send_multipart(frames)
+

@@ -1,0 +1,514 @@
+"""The sidecar: owns one service's reliable queues, confirms what it stored, leases messages to workers.
+
+One loop, in the thread that runs it, owns the ROUTER socket and the SQLite connection.
+Each pass reads what arrived, updates the ledger, writes every change in one transaction,
+and only after the commit sends confirms and deliveries: nothing is confirmed before it
+is durable, and no attempt is handed out before it is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import zmq
+
+from .. import codec
+from .._logs import Throttled
+from .._socket import open_socket
+from ..endpoint import Endpoint
+from ..errors import ConfigError, DecodeError, FabricError
+from ..options import DEFAULT_OPTIONS, SocketOptions
+from . import protocol as p
+from .config import DEFAULT_SIDECAR_ENDPOINT, SidecarConfig
+from .ledger import Lease, Ledger
+from .policy import RetryPolicy
+from .store import DeadLetterFilter, Entry, Store, StoreLock
+
+log = logging.getLogger("zfabric.sidecar")
+_bad = Throttled(log)
+
+DRAIN_LIMIT = 2000
+"""Messages read per pass at most, so one pass (and one commit) stays short."""
+MAX_WAIT = 0.1
+"""Longest poll, so stop() and lease checks are timely."""
+PURGE_EVERY = 5.0
+
+
+class Sidecar:
+    """The reliable-queue sidecar; `run()` in any thread, or `start()` for a thread of its own.
+
+    Example:  Sidecar("orders.db", {"orders": RetryPolicy(max_attempts=5)}).start()
+    """
+
+    def __init__(
+        self,
+        store: str | Any = None,
+        queues: Mapping[str, Any] | Sequence[str] | None = None,
+        *,
+        endpoint: str = DEFAULT_SIDECAR_ENDPOINT,
+        config: SidecarConfig | None = None,
+        options: SocketOptions | None = None,
+        context: zmq.Context | None = None,
+        **settings: Any,
+    ) -> None:
+        if config is None:
+            if store is None or queues is None:
+                raise ConfigError("Sidecar: give a store path and the queues it owns, or a SidecarConfig")
+            config = SidecarConfig(store=store, queues=queues, endpoint=endpoint, **settings)
+        self.config = config
+        self.options = options if options is not None else DEFAULT_OPTIONS
+        self._ctx = context
+        self.ledger = Ledger(config.queues, lease_timeout=config.lease_timeout, cache_limit=config.cache_limit)
+        self.stats = self.ledger.stats
+        self.endpoint = ""
+        """The bound address (a port 0 bind shows its real port), set once the sidecar is ready."""
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._store_counts: dict[str, int] = {}
+
+    @classmethod
+    def from_config(cls, config: SidecarConfig, **kwargs: Any) -> Sidecar:
+        return cls(config=config, **kwargs)
+
+    # -- launchers ------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> Sidecar:
+        """Run in a daemon thread; returns once it is bound and has recovered its store (raises if it failed)."""
+        self._thread = threading.Thread(target=self._run_quietly, name="zfabric-sidecar", daemon=True)
+        self._thread.start()
+        self._ready.wait(timeout)
+        if self._error is not None:
+            raise self._error
+        if not self._ready.is_set():
+            raise FabricError(f"sidecar did not become ready within {timeout:g} s")
+        return self
+
+    def _run_quietly(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:  # kept for start() to re-raise
+            self._error = exc
+            self._ready.set()
+            log.error("sidecar stopped: %s", exc)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the loop to end (it finishes its pass and commits); joins the thread start() made."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Sidecar:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, on_ready: Callable[[Sidecar], None] | None = None, on_tick: Callable[[Sidecar], None] | None = None,
+            tick: float = 1.0) -> None:
+        """Serve until stop(); builds its socket and opens its store in the calling thread."""
+        cfg = self.config
+        lock = StoreLock(cfg.store).acquire()
+        ctx = self._ctx if self._ctx is not None else zmq.Context()
+        store: Store | None = None
+        sock: zmq.Socket | None = None
+        try:
+            store = Store(cfg.store, synchronous=cfg.synchronous)
+            self._store = store
+            self._recover(store)
+            sock, actual = open_socket(ctx, zmq.ROUTER, [Endpoint.parse(cfg.endpoint, default_bind=True)], self.options,
+                                       tune={zmq.ROUTER_MANDATORY: 1})
+            self.endpoint = actual[0]
+            self._sock = sock
+            log.info("sidecar ready endpoint=%s store=%s queues=%s", self.endpoint, cfg.store, ",".join(cfg.queues))
+            self._ready.set()
+            if on_ready is not None:
+                on_ready(self)
+            next_tick = time.monotonic() + tick
+            next_purge = time.monotonic() + PURGE_EVERY
+            while not self._stop.is_set():
+                batch = self._read(sock)
+                self._pass(store, sock, batch, purge=time.monotonic() >= next_purge)
+                now = time.monotonic()
+                if now >= next_purge:
+                    next_purge = now + PURGE_EVERY
+                if on_tick is not None and now >= next_tick:
+                    next_tick = now + tick
+                    on_tick(self)
+        finally:
+            if sock is not None:
+                sock.close(self.options.linger_ms)
+            if store is not None:
+                store.close()
+            if self._ctx is None:
+                ctx.term()
+            lock.release()
+
+    def _recover(self, store: Store) -> None:
+        store.begin()
+        delayed = store.recover()
+        store.commit()
+        for due, entry in delayed:
+            if entry.queue in self.ledger.books:
+                self.ledger.delay(entry, due)
+        for name in self.ledger.books:
+            self.ledger.mark_spilled(name, 0)
+        orphans = set(store.queue_names()) - set(self.ledger.books)
+        if orphans:
+            log.warning("store %s holds pending messages for queue(s) %s that this sidecar does not serve",
+                        self.config.store, ", ".join(sorted(orphans)))
+        self._store_counts = store.counts()
+
+    def _wait_ms(self) -> int:
+        wait = MAX_WAIT
+        due = self.ledger.next_due()
+        if due is not None:
+            wait = min(wait, max(due - time.time(), 0.0))
+        return int(wait * 1000) + 1
+
+    def _read(self, sock: zmq.Socket) -> list[list[bytes]]:
+        batch: list[list[bytes]] = []
+        if not sock.poll(self._wait_ms(), zmq.POLLIN):
+            return batch
+        while len(batch) < DRAIN_LIMIT:
+            try:
+                batch.append(sock.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        return batch
+
+    def _pass(self, store: Store, sock: zmq.Socket, batch: list[list[bytes]], *, purge: bool = False) -> None:
+        now, mono = time.time(), time.monotonic()
+        replies: list[list[Any]] = []
+        confirms: dict[bytes, list[bytes]] = {}
+        rejects: dict[bytes, list[list[Any]]] = {}
+        led = self.ledger
+        store.begin()
+        try:
+            for frames in batch:
+                try:
+                    self._handle(store, frames, now, mono, replies, confirms, rejects)
+                except DecodeError as exc:
+                    led.stats.decode_errors += 1
+                    peer = frames[0].hex() if frames else "?"
+                    _bad.warning(f"sidecar:{peer}", "sidecar %s: bad message from peer %s: %s", self.endpoint, peer, exc)
+            for lease in led.expired_leases(mono):
+                self._lease_lost(store, lease, now)
+            led.release_due(now)
+            for queue, from_seq, want in list(led.wants_page()):
+                led.paged_in(queue, store.load_ready(queue, from_seq, want), want)
+            out, expired = led.deliveries(now)
+            for entry in expired:
+                self._dead(store, entry, "expired", None, now)
+            if out:
+                store.mark_delivered((e.attempts, e.seq) for _, e in out)
+            if purge:
+                store.purge_done(now - self.config.dedupe_window)
+                self._store_counts = store.counts()
+            store.commit()
+        except BaseException:
+            store.rollback()
+            raise
+        # Durable from here on: confirm, answer, deliver.
+        for route, ids in confirms.items():
+            self._send(sock, [route, p.CONFIRM, p.pack(ids)])
+            led.stats.confirmed += len(ids)
+        for route, items in rejects.items():
+            self._send(sock, [route, p.REJECT, p.pack(items)])
+        for frames in replies:
+            self._send(sock, frames)
+        for lease, entry in out:
+            led.stats.delivered += 1
+            if entry.attempts > 1:
+                led.stats.redelivered += 1
+            if not self._send(sock, [lease.route, p.DELIVER, codec.header_with_attempt(entry.header, entry.attempts), entry.body]):
+                # The worker is gone; its lease will expire and the message go to another worker.
+                lease.last_seen = -1e18
+        led.gauges()
+
+    def _send(self, sock: zmq.Socket, frames: list[Any]) -> bool:
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: peer gone; EAGAIN: peer not reading
+            log.debug("sidecar: cannot send %s to %s: %s", frames[1], frames[0].hex(), exc.strerror)
+            return False
+
+    # -- one message ----------------------------------------------------------------------
+
+    def _handle(self, store: Store, frames: list[bytes], now: float, mono: float, replies: list[list[Any]],
+                confirms: dict[bytes, list[bytes]], rejects: dict[bytes, list[list[Any]]]) -> None:
+        if len(frames) < 2:
+            raise DecodeError("expected [routing id, command, ...]", frames)
+        route, cmd = frames[0], frames[1]
+        led = self.ledger
+        if cmd == p.PUT:
+            self._put(store, route, frames, now, confirms, rejects)
+        elif cmd == p.ACK:
+            m = p.unpack_map(frames[1:], "ACK", ("worker", "acks"))
+            lease = led.leases.get(m["worker"])
+            done = []
+            for message_id, attempt in p.unpack_acks(m["acks"]):
+                settled = led.settle(m["worker"], message_id, attempt)
+                if settled is None:
+                    continue
+                entry = settled[1]
+                done.append((now, entry.seq))
+                led.stats.acked += 1
+                if entry.attempts > 1 or entry.budget_base:
+                    store.add_history([(entry.id, entry.attempts, now, self._who(lease), "ack", None, None, None)])
+            store.mark_done(done)
+            if lease is None:
+                replies.append([route, p.WHO])
+            else:
+                lease.last_seen = mono
+        elif cmd == p.NACK:
+            self._nack(store, route, frames, now, mono, replies)
+        elif cmd == p.HEARTBEAT:
+            m = p.unpack_map(frames[1:], "HB", ("worker",))
+            if not led.touch(m["worker"], mono):
+                replies.append([route, p.WHO])
+        elif cmd == p.READY:
+            m = p.unpack_map(frames[1:], "RDY", ("worker", "queue", "window"))
+            queue, window = m["queue"], m["window"]
+            if type(window) is not int or window < 1 or type(m["worker"]) is not bytes:
+                raise DecodeError("RDY: worker must be bytes and window a positive integer", frames)
+            if queue not in led.books:
+                replies.append([route, p.CONTROL_ERROR,
+                                p.pack(f"sidecar {self.endpoint} does not serve queue {queue!r}; it serves: "
+                                       f"{', '.join(led.books)}")])
+                return
+            led.announce(m["worker"], route, str(m.get("name", "")), queue, window, mono)
+        elif cmd == p.CONTROL:
+            m = p.unpack_map(frames[1:], "CTL", ("op",))
+            try:
+                replies.append([route, p.CONTROL_REPLY, p.pack(self._control(store, m, now))])
+            except (ConfigError, KeyError, TypeError) as exc:
+                replies.append([route, p.CONTROL_ERROR, p.pack(str(exc))])
+        else:
+            raise DecodeError(f"unknown command {bytes(cmd[:16])!r}", frames)
+
+    def _put(self, store: Store, route: bytes, frames: list[bytes], now: float,
+             confirms: dict[bytes, list[bytes]], rejects: dict[bytes, list[list[Any]]]) -> None:
+        pairs = frames[2:]
+        if not pairs or len(pairs) % 2:
+            raise DecodeError("PUT: expected header/body pairs", frames)
+        led = self.ledger
+        for i in range(0, len(pairs), 2):
+            header, body = pairs[i], pairs[i + 1]
+            try:
+                env = codec.decode_header(header, frames)
+            except DecodeError as exc:
+                led.stats.decode_errors += 1
+                _bad.warning(f"put:{route.hex()}", "sidecar %s: message from peer %s refused: %s", self.endpoint, route.hex(), exc)
+                continue
+            book = led.books.get(env.topic)
+            if book is None:
+                led.stats.rejected += 1
+                rejects.setdefault(route, []).append(
+                    [env.id, f"queue {env.topic!r} is not served by this sidecar (it serves: {', '.join(led.books)})"])
+                continue
+            expires = env.deadline
+            if book.policy.ttl is not None:
+                expires = min(expires or float("inf"), now + book.policy.ttl)
+            seq = store.insert(env, header, body, now, expires)
+            if seq is None:
+                led.stats.duplicates += 1
+            else:
+                led.stats.received += 1
+                led.add(Entry(seq, env.id, env.topic, header, body, 0, 0, expires))
+            confirms.setdefault(route, []).append(env.id)
+
+    def _nack(self, store: Store, route: bytes, frames: list[bytes], now: float, mono: float, replies: list[list[Any]]) -> None:
+        led = self.ledger
+        m = p.unpack_map(frames[1:], "NAK", ("worker", "id", "attempt"))
+        if type(m["id"]) is not bytes or type(m["attempt"]) is not int:
+            raise DecodeError("NAK: id must be bytes and attempt an integer", frames)
+        lease = led.leases.get(m["worker"])
+        if lease is None:
+            replies.append([route, p.WHO])
+        else:
+            lease.last_seen = mono
+        settled = led.settle(m["worker"], m["id"], m["attempt"])
+        if settled is None:
+            return
+        led.stats.nacked += 1
+        entry = settled[1]
+        retry_after = m.get("retry_after")
+        if retry_after is not None and (isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)) or retry_after < 0):
+            retry_after = None
+        error_type = _text(m.get("error_type"), 200)
+        store.add_history([(entry.id, entry.attempts, now, self._who(lease), "nack", error_type,
+                            _text(m.get("error"), 2000), _text(m.get("traceback"), 8000))])
+        self._after_failure(store, entry, now, error_type, retryable=m.get("retryable", True) is not False,
+                            retry_after=retry_after)
+
+    def _after_failure(self, store: Store, entry: Entry, now: float, error_type: str | None, *,
+                       retryable: bool = True, retry_after: float | None = None) -> None:
+        outcome = self.ledger.failure(entry, now, retryable=retryable, retry_after=retry_after)
+        if outcome.dead:
+            self._dead(store, entry, outcome.reason, error_type, now)
+        else:
+            store.mark_delayed(entry.seq, outcome.due)
+            self.ledger.delay(entry, outcome.due)
+
+    def _lease_lost(self, store: Store, lease: Lease, now: float) -> None:
+        if lease.inflight:
+            log.warning("sidecar: worker %s on queue %s lost its lease; %d message(s) go to other workers",
+                        self._who(lease), lease.queue, len(lease.inflight))
+        store.add_history((e.id, e.attempts, now, self._who(lease), "lease-expired", "LeaseExpired",
+                           f"no heartbeat from the worker for {self.config.lease_timeout:g} s", None)
+                          for e in lease.inflight.values())
+        for entry in list(lease.inflight.values()):
+            if self.ledger.books[entry.queue].policy.exhausted(entry.budget_used):
+                self._dead(store, entry, "max-attempts", "LeaseExpired", now)
+            else:
+                self.ledger.requeue(entry)
+        lease.inflight.clear()
+
+    def _dead(self, store: Store, entry: Entry, reason: str, error_type: str | None, now: float) -> None:
+        store.mark_dead(entry.seq, reason, error_type, now)
+        self.ledger.stats.dead_lettered += 1
+        if reason == "expired":
+            self.ledger.stats.expired += 1
+        _bad.warning(f"dead:{entry.queue}:{reason}", "sidecar: message %s on queue %s dead-lettered (%s) after %d attempt(s)",
+                     entry.id.hex(), entry.queue, reason, entry.attempts)
+
+    @staticmethod
+    def _who(lease: Lease | None) -> str | None:
+        return None if lease is None else f"{lease.name or 'worker'}/{lease.worker_id.hex()[:8]}"
+
+    # -- control --------------------------------------------------------------------------
+
+    def _control(self, store: Store, m: dict[str, Any], now: float) -> Any:
+        op = m["op"]
+        if op == "stats":
+            self._store_counts = store.counts()
+            return self.snapshot()
+        flt = DeadLetterFilter.from_wire(m.get("filter") or {})
+        if op == "dlq.list":
+            return [r.to_wire() for r in store.dead_letters(flt, history=bool(m.get("history")))]
+        if op == "dlq.count":
+            return store.count_dead(flt)
+        if op == "dlq.show":
+            record = store.record(m["id"])
+            return None if record is None else record.to_wire()
+        if op == "dlq.replay":
+            entries = store.replay(flt, now)
+            for entry in entries:
+                if entry.queue in self.ledger.books:
+                    self.ledger.mark_spilled(entry.queue, entry.seq)
+            self.ledger.stats.replayed += len(entries)
+            return {"replayed": len(entries), "ids": [e.id for e in entries],
+                    "not_served": sorted({e.queue for e in entries} - set(self.ledger.books))}
+        if op == "dlq.purge":
+            return {"purged": store.purge(flt)}
+        raise ConfigError(f"unknown control operation {op!r}")
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters, gauges, store totals, queues and workers, as plain values."""
+        led = self.ledger
+        led.gauges()
+        return {
+            "endpoint": self.endpoint,
+            "store": str(self.config.store),
+            "counters": led.stats.snapshot(),
+            "stored": dict(self._store_counts),
+            "queues": {name: {"policy": b.policy.to_dict(), "ready_in_memory": len(b.ready), "delayed": len(b.delayed),
+                              "backlog_in_store": b.spilled, "workers": len(b.workers)}
+                       for name, b in led.books.items()},
+            "workers": [{"worker": self._who(lease), "queue": lease.queue, "window": lease.window,
+                         "in_flight": len(lease.inflight)} for lease in led.leases.values()],
+        }
+
+
+def _text(value: Any, limit: int) -> str | None:
+    if value is None:
+        return None
+    s = value if isinstance(value, str) else repr(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+class SidecarProcess:
+    """Launcher: runs `zfabric sidecar` as a child process and learns its bound endpoint from its ready line."""
+
+    READY = re.compile(r"^zfabric sidecar ready endpoint=(\S+)")
+
+    def __init__(self, store: str, queues: Sequence[str] | Mapping[str, RetryPolicy], *,
+                 endpoint: str = "tcp://127.0.0.1:0", extra_args: Sequence[str] = (), ready_timeout: float = 15.0) -> None:
+        args = [sys.executable, "-m", "zfabric", "sidecar", "--store", str(store), "--endpoint", endpoint, "--no-live"]
+        for name in queues:
+            args += ["--queue", name]
+        if isinstance(queues, Mapping):
+            first = next(iter(queues.values()), None)
+            if isinstance(first, RetryPolicy):
+                args += ["--max-attempts", str(first.max_attempts), "--backoff-base", str(first.backoff_base),
+                         "--backoff-cap", str(first.backoff_cap)]
+        self.args = [*args, *extra_args]
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen[str] | None = None
+        self.endpoint = endpoint
+        self.output: list[str] = []
+        self._ready = threading.Event()
+
+    def start(self) -> SidecarProcess:
+        """Start the child and wait for its ready line; raises FabricError with its output if it fails."""
+        self._ready.clear()
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     stdin=subprocess.DEVNULL)
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        if not self._ready.wait(self.ready_timeout) or self.proc.poll() is not None:
+            self.kill()
+            raise FabricError("sidecar process did not become ready:\n" + "".join(self.output[-20:]))
+        return self
+
+    def _pump(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.output.append(line)
+            if len(self.output) > 1000:
+                del self.output[:500]
+            match = self.READY.match(line)
+            if match:
+                self.endpoint = match.group(1)
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM, wait up to `timeout`, then SIGKILL; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the child (a crash, as far as everyone else can tell) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def __enter__(self) -> SidecarProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
