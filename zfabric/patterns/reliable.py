@@ -132,6 +132,14 @@ def parse_reply(frames: list[bytes]) -> tuple[list[bytes], list[tuple[bytes, str
     raise DecodeError("not a sidecar confirm or reject", frames)
 
 
+def _unique(envs: Iterable[Envelope]) -> list[Envelope]:
+    """The envelopes once each, by id, in order (one id is one message, however often it is passed)."""
+    seen: dict[bytes, Envelope] = {}
+    for env in envs:
+        seen.setdefault(env.id, env)
+    return list(seen.values())
+
+
 class _ReliableBase(SocketOwner):
     _socket_type = zmq.DEALER
     _tune = {zmq.IMMEDIATE: 1}
@@ -233,7 +241,7 @@ class ReliableProducer(_ReliableBase):
                        on_confirm: Callable[[Envelope], None] | None = None) -> list[Envelope]:
         """Send ready-made envelopes with their ids (e.g. the `unconfirmed` of an earlier Unconfirmed)."""
         self._check_open()
-        envs = list(envs)
+        envs = _unique(envs)
         limit = self._timeout(timeout)
         flow, sock = self._flow, self._sock
         flow.pending.clear()
@@ -242,13 +250,14 @@ class ReliableProducer(_ReliableBase):
         rejected: list[tuple[Envelope, str]] = []
         overdue: list[Envelope] = []
         todo = iter(envs)
-        left = len(envs)
-        while left and not overdue:
-            while len(flow.pending) < self.max_in_flight and left > len(flow.pending):
+        while not overdue:
+            while len(flow.pending) < self.max_in_flight:
                 env = next(todo, None)
                 if env is None:
                     break
                 flow.add(env, self._check_queue(env), limit)
+            if not flow.pending:
+                break
             now = time.monotonic()
             while flow.unsent:
                 frames, first, again = flow.batch(now, self.batch_size)
@@ -268,7 +277,6 @@ class ReliableProducer(_ReliableBase):
                     done, refused = self._replies(reply)
                     confirmed += done
                     rejected += refused
-                    left -= len(done) + len(refused)
                     if on_confirm is not None:
                         for env in done:
                             on_confirm(env)
@@ -302,7 +310,7 @@ class AsyncReliableProducer(_ReliableBase):
                              on_confirm: Callable[[Envelope], None] | None = None) -> list[Envelope]:
         """Send ready-made envelopes with their ids and wait for every confirm."""
         self._check_open()
-        envs = list(envs)
+        envs = _unique(envs)
         limit = self._timeout(timeout)
         loop = asyncio.get_running_loop()
         if self._slots is None:
@@ -311,6 +319,10 @@ class AsyncReliableProducer(_ReliableBase):
             self._pump_task = loop.create_task(self._pump())
         futures = []
         for env in envs:
+            pending = self._waiters.get(env.id)
+            if pending is not None:  # already on its way for another coroutine: share its confirm
+                futures.append(pending)
+                continue
             await self._slots.acquire()
             fut: asyncio.Future[Envelope] = loop.create_future()
             fut.add_done_callback(self._settled(on_confirm))

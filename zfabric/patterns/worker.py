@@ -130,6 +130,16 @@ class _WorkerBase(SocketOwner):
             "retry_after": retry_after, "retryable": retryable,
         })]
 
+    def _leave(self, send: Callable[[list[bytes]], Any]) -> None:
+        """Settle what was handled, then tell the sidecar to give the rest to other workers now."""
+        try:
+            acks = self._take_acks()
+            if acks is not None:
+                send(acks)
+            send([p.BYE, p.pack({"worker": self.worker_id})])
+        except zmq.ZMQError:
+            pass  # the sidecar is unreachable; the lease simply expires
+
     def stop(self) -> None:
         """Ask run() to return after the message in hand; unacknowledged ones go back to the sidecar's queue."""
         self._stop.set()
@@ -185,6 +195,7 @@ class Worker(_WorkerBase):
                 acks = self._take_acks()
                 if acks is not None:
                     send_frames(sock, acks)
+            self._leave(lambda frames: send_frames(sock, frames, zmq.NOBLOCK))
         finally:
             self._stop.set()
             beat.join(self.heartbeat + 1.0)
@@ -278,9 +289,14 @@ class AsyncWorker(_WorkerBase):
                 acks = self._take_acks()
                 if acks is not None:
                     await sock.send_multipart(acks)
+            self._leave(lambda frames: self._sync_sock.send_multipart(frames, zmq.NOBLOCK))
         finally:
             beat.cancel()
         return handled
+
+    @property
+    def _sync_sock(self) -> zmq.Socket[Any]:
+        return zmq.Socket.shadow(self._sock.underlying)
 
     async def _beat(self) -> None:
         frames = self._heartbeat_frames()

@@ -91,8 +91,12 @@ class SidecarConfig:
             raise ConfigError(f"{where}: missing key 'store' (the SQLite file)")
         try:
             return cls(**dict(data))
-        except TypeError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+        except (TypeError, ConfigError) as exc:
+            text = str(exc)
+            for prefix in ("sidecar: ", "sidecar."):
+                if text.startswith(prefix):
+                    text = text[len(prefix):]
+            raise ConfigError(f"{where}: {text}") from None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> SidecarConfig:
@@ -117,4 +121,7 @@ class SidecarConfig:
         store = data.get("store") if isinstance(data, dict) else None
         if isinstance(store, str) and not os.path.isabs(store):
             data["store"] = str(p.parent / store)
-        return cls.from_mapping(data, where=str(p))
+        try:
+            return cls.from_mapping(data, where=str(p))
+        except ConfigError as exc:
+            raise ConfigError(str(exc) if str(exc).startswith(str(p)) else f"{p}: {exc}") from None

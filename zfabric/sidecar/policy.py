@@ -72,7 +72,9 @@ class RetryPolicy:
         try:
             return cls(**dict(data))
         except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            text = str(exc)
+            raise ConfigError(f"{where}.{text[len('RetryPolicy.'):]}" if text.startswith("RetryPolicy.")
+                              else f"{where}: {text}") from None
 
 
 DEFAULT_POLICY = RetryPolicy()

@@ -290,6 +290,13 @@ class Sidecar:
                                        f"{', '.join(led.books)}")])
                 return
             led.announce(m["worker"], route, str(m.get("name", "")), queue, window, mono)
+        elif cmd == p.BYE:
+            m = p.unpack_map(frames[1:], "BYE", ("worker",))
+            lease = led.drop(m["worker"])
+            if lease is not None:
+                for entry in lease.inflight.values():
+                    led.requeue(entry)
+                lease.inflight.clear()
         elif cmd == p.CONTROL:
             m = p.unpack_map(frames[1:], "CTL", ("op",))
             try:
