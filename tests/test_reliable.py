@@ -19,7 +19,7 @@ import pytest
 from zfabric.errors import Unconfirmed
 from zfabric.patterns.reliable import ReliableProducer
 from zfabric.sidecar.client import SidecarClient
-from zfabric.sidecar.store import DeadLetterFilter, Store
+from zfabric.sidecar.store import DeadLetterFilter
 
 from .conftest import Processes, Sidecars, wait_until
 from .reliable_actors import read_logs
@@ -103,9 +103,9 @@ def test_sidecar_killed_five_times_loses_no_confirmed_message(tmp_path: Path, si
 
     feeder = threading.Thread(target=produce)
     feeder.start()
-    for kill in range(5):
+    for _ in range(5):
         target = len(confirmed) + 400
-        assert wait_until(lambda: len(confirmed) >= target or not feeder.is_alive(), timeout=60)
+        assert wait_until(lambda t=target: len(confirmed) >= t or not feeder.is_alive(), timeout=60)
         sc.kill()
         sc = sidecars.start(store, endpoint=endpoint)
     feeder.join(120)

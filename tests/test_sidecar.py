@@ -12,14 +12,14 @@ import pytest
 import zmq
 
 from zfabric.envelope import Envelope
-from zfabric.errors import ConfigError, DoNotRetry, Rejected, RetryAfter
+from zfabric.errors import ConfigError, DoNotRetry, Rejected, RetryAfter, StoreError
 from zfabric.patterns.reliable import AsyncReliableProducer, ReliableProducer
 from zfabric.patterns.worker import AsyncWorker, Worker
 from zfabric.sidecar.client import OfflineDeadLetters, SidecarClient
 from zfabric.sidecar.config import SidecarConfig
 from zfabric.sidecar.policy import RetryPolicy
 from zfabric.sidecar.service import Sidecar
-from zfabric.sidecar.store import DeadLetterFilter, StoreError
+from zfabric.sidecar.store import DeadLetterFilter
 
 from .conftest import wait_until
 

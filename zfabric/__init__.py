@@ -10,23 +10,36 @@ from .errors import (
     CodecError,
     ConfigError,
     DecodeError,
+    DoNotRetry,
     EncodeError,
     FabricError,
     FabricTimeout,
+    HandlerSignal,
     ReadyTimeout,
     ReceiveTimeout,
+    Rejected,
     RemoteError,
     RequestTimeout,
+    RetryAfter,
     SendTimeout,
+    StoreError,
     TransportError,
+    Unconfirmed,
 )
 from .options import SocketOptions
 from .patterns._flows import GatherResult, MemberReply
 from .patterns.forwarder import Forwarder
 from .patterns.pubsub import AsyncPublisher, AsyncSubscriber, Publisher, Subscriber
 from .patterns.queue import AsyncConsumer, AsyncProducer, Consumer, Producer
+from .patterns.reliable import AsyncReliableProducer, ReliableProducer
 from .patterns.reqrep import AsyncReplier, AsyncRequester, Replier, Requester
 from .patterns.scatter import AsyncScatterer, Scatterer
+from .patterns.worker import AsyncWorker, Worker
+from .sidecar.client import OfflineDeadLetters, SidecarClient
+from .sidecar.config import SidecarConfig
+from .sidecar.policy import RetryPolicy
+from .sidecar.service import Sidecar, SidecarProcess
+from .sidecar.store import DeadLetterFilter, MessageRecord
 
 try:
     __version__ = version("zfabric")
@@ -37,15 +50,19 @@ __all__ = [
     "AsyncConsumer",
     "AsyncProducer",
     "AsyncPublisher",
+    "AsyncReliableProducer",
     "AsyncReplier",
     "AsyncRequester",
     "AsyncScatterer",
     "AsyncSubscriber",
+    "AsyncWorker",
     "ClosedError",
     "CodecError",
     "ConfigError",
     "Consumer",
+    "DeadLetterFilter",
     "DecodeError",
+    "DoNotRetry",
     "EncodeError",
     "Endpoint",
     "Envelope",
@@ -53,22 +70,36 @@ __all__ = [
     "FabricTimeout",
     "Forwarder",
     "GatherResult",
+    "HandlerSignal",
     "IdSource",
     "Kind",
     "MemberReply",
+    "MessageRecord",
+    "OfflineDeadLetters",
     "Producer",
     "Publisher",
     "ReadyTimeout",
     "ReceiveTimeout",
+    "Rejected",
+    "ReliableProducer",
     "RemoteError",
     "Replier",
     "RequestTimeout",
     "Requester",
+    "RetryAfter",
+    "RetryPolicy",
     "Scatterer",
     "SendTimeout",
+    "Sidecar",
+    "SidecarClient",
+    "SidecarConfig",
+    "SidecarProcess",
     "SocketOptions",
+    "StoreError",
     "Subscriber",
     "TransportError",
+    "Unconfirmed",
+    "Worker",
     "__version__",
     "decode",
     "decode_published",

@@ -15,6 +15,7 @@
     │   └── Unconfirmed       a reliable send got no confirm in time (lists confirmed and unconfirmed)
     ├── RemoteError           a replier's handler raised; carries the remote type and message
     ├── Rejected              a sidecar refused a message (unknown queue, not an envelope)
+    ├── StoreError            a sidecar store cannot be opened or written (in use, disk, not WAL-capable)
     └── HandlerSignal         raised by a worker's handler to steer its message
         ├── RetryAfter        retry this message after a given delay
         └── DoNotRetry        this failure will not get better: dead-letter the message now
@@ -151,3 +152,7 @@ class RetryAfter(HandlerSignal):
 
 class DoNotRetry(HandlerSignal):
     """The failure is permanent (bad data, not a flaky dependency): dead-letter the message now."""
+
+
+class StoreError(FabricError):
+    """A sidecar's store cannot be opened or written: in use by a running sidecar, disk trouble, no WAL support."""

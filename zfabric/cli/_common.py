@@ -15,7 +15,8 @@ from rich.console import Console
 from ..envelope import Envelope
 from ..errors import FabricError, FabricTimeout
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
+"""Soft wrap: an error line stays one line, whatever the terminal width (scripts grep it)."""
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_ERROR = 1

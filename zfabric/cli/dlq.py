@@ -14,11 +14,22 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from ..errors import ConfigError
-from ..sidecar.client import DeadLetterAccess, OfflineDeadLetters, SidecarClient, iter_dead_letters
+from ..sidecar.client import (
+    DeadLetterAccess,
+    OfflineDeadLetters,
+    SidecarClient,
+    iter_dead_letters,
+)
 from ..sidecar.config import DEFAULT_SIDECAR_ENDPOINT
 from ..sidecar.store import DeadLetterFilter, MessageRecord
 from ._common import dumps, fabric_errors
@@ -120,11 +131,11 @@ def list_(endpoint: EndpointOpt = None, store: StoreOpt = None, queue: QueueOpt 
 
 @app.command()
 @fabric_errors
-def show(message_id: Annotated[str, typer.Argument(help="The message id (or a unique prefix of 8+ hex digits).")],
+def show(message_id: Annotated[str, typer.Argument(help="The message id, or a unique start or end of it (8+ hex digits).")],
          endpoint: EndpointOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Show one message: its original envelope, state, and every attempt with its error and traceback.
 
-    Example:  zfabric dlq show 88309d9032bd276e
+    Example:  zfabric dlq show 0000000000000008
     """
     with access(endpoint, store) as dl:
         record = dl.record(message_id)

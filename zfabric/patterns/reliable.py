@@ -288,6 +288,7 @@ class AsyncReliableProducer(_ReliableBase):
     """The asyncio face: `await send(...)` returns once stored; many coroutines may send at once and share batches."""
 
     _asyncio = True
+    _shadow: zmq.Socket[Any] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -364,7 +365,7 @@ class AsyncReliableProducer(_ReliableBase):
     @property
     def _sync_sock(self) -> zmq.Socket[Any]:
         # A sync shadow of the same socket: a non-blocking send needs no event loop round trip.
-        sock = getattr(self, "_shadow", None)
+        sock = self._shadow
         if sock is None:
             sock = self._shadow = zmq.Socket.shadow(self._sock.underlying)
         return sock

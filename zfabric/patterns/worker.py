@@ -242,8 +242,8 @@ class AsyncWorker(_WorkerBase):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._is_async = inspect.iscoroutinefunction(self.handler) or inspect.iscoroutinefunction(
-            getattr(type(self.handler), "__call__", None))
+        call = type(self.handler).__call__ if not inspect.isfunction(self.handler) else None
+        self._is_async = inspect.iscoroutinefunction(self.handler) or inspect.iscoroutinefunction(call)
 
     async def _handle(self, env: Envelope) -> BaseException | None:
         try:

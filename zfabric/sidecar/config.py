@@ -41,9 +41,9 @@ def _policies(queues: Mapping[str, Any] | Sequence[str]) -> dict[str, RetryPolic
 class SidecarConfig:
     """A sidecar's settings; defaults in one place, validated on construction."""
 
-    store: Path
+    store: Path | str
     """The SQLite file (created if missing; its directory must exist)."""
-    queues: Mapping[str, RetryPolicy] = field(default_factory=dict)
+    queues: Mapping[str, Any] | Sequence[str] = field(default_factory=dict)
     """The queues this sidecar owns, each with its retry policy."""
     endpoint: str = DEFAULT_SIDECAR_ENDPOINT
     """Bind address for producers, workers and control clients (port 0: any free port)."""
@@ -72,6 +72,11 @@ class SidecarConfig:
             raise ConfigError(f"sidecar.synchronous: expected one of {', '.join(SYNCHRONOUS)}, got {self.synchronous!r}")
         if type(self.cache_limit) is not int or self.cache_limit < 2:
             raise ConfigError(f"sidecar.cache_limit: expected an integer >= 2, got {self.cache_limit!r}")
+
+    @property
+    def policies(self) -> Mapping[str, RetryPolicy]:
+        """The queues with their policies (after validation every value is a RetryPolicy)."""
+        return self.queues  # type: ignore[return-value]
 
     def replace(self, **changes: Any) -> SidecarConfig:
         return dataclasses.replace(self, **changes)

@@ -66,7 +66,7 @@ class Sidecar:
         self.config = config
         self.options = options if options is not None else DEFAULT_OPTIONS
         self._ctx = context
-        self.ledger = Ledger(config.queues, lease_timeout=config.lease_timeout, cache_limit=config.cache_limit)
+        self.ledger = Ledger(config.policies, lease_timeout=config.lease_timeout, cache_limit=config.cache_limit)
         self.stats = self.ledger.stats
         self.endpoint = ""
         """The bound address (a port 0 bind shows its real port), set once the sidecar is ready."""

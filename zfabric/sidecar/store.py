@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import codec
 from ..envelope import Envelope
-from ..errors import ConfigError, DecodeError, FabricError
+from ..errors import ConfigError, DecodeError, StoreError
 
 READY, DELAYED, INFLIGHT, DONE, DEAD = 0, 1, 2, 3, 4
 STATE_NAMES = {READY: "ready", DELAYED: "delayed", INFLIGHT: "in-flight", DONE: "done", DEAD: "dead"}
@@ -58,10 +58,6 @@ CREATE TABLE IF NOT EXISTS history (
 );
 CREATE INDEX IF NOT EXISTS history_by_message ON history (message_id);
 """
-
-
-class StoreError(FabricError):
-    """The store cannot be opened or written (busy, locked by a running sidecar, disk full, not WAL-capable)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -150,8 +146,9 @@ class MessageRecord:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> MessageRecord:
-        history = tuple(Attempt(**a) for a in d.get("history", ()))
-        return cls(**{**{k: d.get(k) for k in cls.__slots__ if k != "history"}, "history": history})
+        fields: dict[str, Any] = {k: d.get(k) for k in cls.__slots__ if k != "history"}
+        fields["history"] = tuple(Attempt(**a) for a in d.get("history", ()))
+        return cls(**fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +182,8 @@ class DeadLetterFilter:
         return cls(**{**d, "ids": tuple(ids) if ids is not None else None})
 
     def where(self) -> tuple[str, list[Any]]:
-        clauses, params = ["state = ?", "seq > ?"], [DEAD, self.after_seq]
+        clauses: list[str] = ["state = ?", "seq > ?"]
+        params: list[Any] = [DEAD, self.after_seq]
         if self.queue is not None:
             clauses.append("queue = ?")
             params.append(self.queue)
@@ -334,13 +332,17 @@ class Store:
         return int(self._conn.execute(f"SELECT COUNT(*) FROM messages WHERE {where}", params).fetchone()[0])
 
     def record(self, ident: bytes | str) -> MessageRecord | None:
-        """Any message the store still knows, by id or by a unique hex prefix of at least 8 digits."""
+        """Any message the store still knows, by id, or by a unique hex prefix or suffix of at least 8 digits.
+
+        (Ids from one producer share their first 16 digits, so the end is often the short form.)
+        """
         if isinstance(ident, str):
             ident = ident.strip().lower()
             if len(ident) < 8 or any(c not in "0123456789abcdef" for c in ident):
                 raise ConfigError(f"message id {ident!r}: expected at least 8 hex digits")
-            rows = self._conn.execute(f"SELECT {_RECORD_COLUMNS} FROM messages WHERE lower(hex(id)) LIKE ? LIMIT 2",
-                                      (ident + "%",)).fetchall()
+            rows = self._conn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM messages WHERE lower(hex(id)) LIKE ? OR lower(hex(id)) LIKE ? LIMIT 2",
+                (ident + "%", "%" + ident)).fetchall()
             if len(rows) > 1:
                 raise ConfigError(f"message id {ident!r} is ambiguous; give more digits")
         else:
@@ -396,7 +398,13 @@ class StoreLock:
         self._fd: int | None = None
 
     def acquire(self) -> StoreLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        store = self.path.with_name(self.path.name[: -len(".lock")])
+        if not store.parent.is_dir():
+            raise ConfigError(f"store {store}: directory {store.parent} does not exist")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"store {store}: cannot create its lock file {self.path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
