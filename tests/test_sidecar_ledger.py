@@ -104,8 +104,9 @@ def store_with_dead(path: Path, n: int) -> tuple[Store, list[Envelope]]:
     for i in range(n):
         env = Envelope.new({"i": i}, topic="q" if i % 2 else "r").replace(id=ids.next())
         header, body = codec.encode(env)
-        seq = store.insert(env, header, body, 1000.0 + i, None)
+        [seq] = store.reserve([env.id])
         assert seq is not None
+        store.insert([Entry(seq, env.id, env.topic, header, body)], 1000.0 + i)
         store.mark_delivered([(1, seq)])
         store.add_history([(env.id, 1, 1000.0 + i, "w/1", "nack", "KeyError" if i < 4 else "ValueError", "boom", "tb")])
         store.mark_dead(seq, "max-attempts", "KeyError" if i < 4 else "ValueError", 2000.0 + i)

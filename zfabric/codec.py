@@ -142,13 +142,6 @@ def decode_header(header: bytes, frames: Sequence[bytes] | None = None) -> Envel
     return _make_envelope(Envelope, fields)
 
 
-def header_with_attempt(header: bytes, attempt: int) -> bytes:
-    """The same header frame with another attempt count; every other field kept byte for byte in meaning."""
-    h = _unpack_header(header)
-    h[6] = attempt
-    return msgpack.packb(h)
-
-
 def _check_header(header: bytes, frames: Sequence[bytes]) -> tuple[tuple[Any, ...], Any]:
     """The validated envelope fields of a header (body None) and its body format."""
     try:

@@ -26,7 +26,7 @@ from .._receive import decode_counted
 from .._socket import AnyContext, SocketOwner, open_socket, recv_frames, send_frames
 from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope
-from ..errors import ConfigError, DoNotRetry, RetryAfter
+from ..errors import ConfigError, DecodeError, DoNotRetry, RetryAfter
 from ..options import SocketOptions
 from ..sidecar import protocol as p
 
@@ -94,18 +94,28 @@ class _WorkerBase(SocketOwner):
         acks, self._acks = self._acks, []
         return [p.ACK, p.pack({"worker": self.worker_id, "acks": acks})]
 
-    def _incoming(self, frames: list[bytes]) -> Envelope | None:
-        """The delivered envelope, or None after handling a control message (WHO, an error)."""
+    def _incoming(self, frames: list[bytes]) -> list[Envelope]:
+        """The delivered envelopes, or none after handling a control message (WHO, an error)."""
         cmd = frames[0] if frames else b""
         if cmd == p.DELIVER:
-            return decode_counted(frames[1:], self.stats, self._who)
+            try:
+                triples = p.split_deliveries(frames[1:])
+            except DecodeError:
+                self.stats.decode_errors += 1
+                return []
+            out = []
+            for attempt, header, body in triples:
+                env = decode_counted([header, body], self.stats, self._who)
+                if env is not None:
+                    out.append(env._replace(attempt=attempt))
+            return out
         if cmd == p.WHO:
             self._reannounce.set()
         elif cmd == p.CONTROL_ERROR and len(frames) == 2:
             raise ConfigError(f"{self._who}: the sidecar refused this worker: {p.unpack(frames[1], 'CTE')}")
         else:
             self.stats.decode_errors += 1
-        return None
+        return []
 
     def _outcome(self, env: Envelope, exc: BaseException | None) -> list[bytes] | None:
         """Record an ack (sent in a batch) or return the NAK frames for a failure."""
@@ -176,20 +186,20 @@ class Worker(_WorkerBase):
                         frames = recv_frames(sock, zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    env = self._incoming(frames)
-                    if env is None:
-                        continue
-                    handled += 1
-                    error: BaseException | None = None
-                    try:
-                        self.handler(env)
-                    except Exception as exc:
-                        error = exc
-                    nack = self._outcome(env, error)
-                    if nack is not None:
-                        send_frames(sock, nack)
-                    if len(self._acks) >= ACK_BATCH:
-                        send_frames(sock, self._take_acks())  # type: ignore[arg-type]
+                    for env in self._incoming(frames):
+                        if self._stop.is_set() or (max_messages is not None and handled >= max_messages):
+                            break  # the rest go back to the sidecar with BYE
+                        handled += 1
+                        error: BaseException | None = None
+                        try:
+                            self.handler(env)
+                        except Exception as exc:
+                            error = exc
+                        nack = self._outcome(env, error)
+                        if nack is not None:
+                            send_frames(sock, nack)
+                        if len(self._acks) >= ACK_BATCH:
+                            send_frames(sock, self._take_acks())  # type: ignore[arg-type]
                     if self._stop.is_set():
                         break
                 acks = self._take_acks()
@@ -275,15 +285,15 @@ class AsyncWorker(_WorkerBase):
                         frames = await sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    env = self._incoming(frames)
-                    if env is None:
-                        continue
-                    handled += 1
-                    nack = self._outcome(env, await self._handle(env))
-                    if nack is not None:
-                        await sock.send_multipart(nack)
-                    if len(self._acks) >= ACK_BATCH:
-                        await sock.send_multipart(self._take_acks())  # type: ignore[arg-type]
+                    for env in self._incoming(frames):
+                        if self._stop.is_set() or (max_messages is not None and handled >= max_messages):
+                            break  # the rest go back to the sidecar with BYE
+                        handled += 1
+                        nack = self._outcome(env, await self._handle(env))
+                        if nack is not None:
+                            await sock.send_multipart(nack)
+                        if len(self._acks) >= ACK_BATCH:
+                            await sock.send_multipart(self._take_acks())  # type: ignore[arg-type]
                     if self._stop.is_set():
                         break
                 acks = self._take_acks()

@@ -30,7 +30,8 @@ BYE = b"BYE"
 WHO = b"WHO"
 """sidecar -> worker: WHO; I do not know you (I restarted, or your lease expired): send RDY again."""
 DELIVER = b"DLV"
-"""sidecar -> worker: DLV header body; the header carries this delivery's attempt number."""
+"""sidecar -> worker: DLV attempt header body [attempt header body ...]; `attempt` is a 4-byte
+big-endian count that replaces the header's (the stored header stays as the producer sent it)."""
 ACK = b"ACK"
 """worker -> sidecar: ACK {worker, acks: [[id, attempt], ...]}; handled, forget them."""
 NACK = b"NAK"
@@ -76,6 +77,22 @@ def unpack_map(frames: Sequence[bytes], what: str, required: Sequence[str] = ())
     if missing:
         raise DecodeError(f"{what}: missing {', '.join(missing)}", frames)
     return value
+
+
+def attempt_frame(attempt: int) -> bytes:
+    return attempt.to_bytes(4, "big")
+
+
+def split_deliveries(frames: Sequence[bytes]) -> list[tuple[int, bytes, bytes]]:
+    """[(attempt, header, body), ...] from a DLV message (without its command frame)."""
+    if not frames or len(frames) % 3:
+        raise DecodeError("DLV: expected attempt/header/body triples", frames)
+    out = []
+    for i in range(0, len(frames), 3):
+        if len(frames[i]) != 4:
+            raise DecodeError("DLV: attempt frame must be 4 bytes", frames)
+        out.append((int.from_bytes(frames[i], "big"), frames[i + 1], frames[i + 2]))
+    return out
 
 
 def unpack_acks(value: Any, what: str = "ACK") -> list[tuple[bytes, int]]:

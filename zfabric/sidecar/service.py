@@ -22,8 +22,9 @@ import zmq
 
 from .. import codec
 from .._logs import Throttled
-from .._socket import open_socket
+from .._socket import open_socket, recv_frames, send_frames
 from ..endpoint import Endpoint
+from ..envelope import Envelope
 from ..errors import ConfigError, DecodeError, FabricError
 from ..options import DEFAULT_OPTIONS, SocketOptions
 from . import protocol as p
@@ -40,6 +41,11 @@ DRAIN_LIMIT = 2000
 MAX_WAIT = 0.1
 """Longest poll, so stop() and lease checks are timely."""
 PURGE_EVERY = 5.0
+DELIVERY_BATCH = 50
+"""Messages per DLV message to one worker at most."""
+_NOBLOCK = int(zmq.NOBLOCK)
+COUNTS_MAX_AGE = 1.0
+"""A stats request recounts the store's rows at most this often (a count scans the table)."""
 
 
 class Sidecar:
@@ -75,6 +81,9 @@ class Sidecar:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._store_counts: dict[str, int] = {}
+        self._counted_at = 0.0
+        self._fresh: list[Entry] = []
+        """Messages received in the current pass, written at its end in their final state."""
 
     @classmethod
     def from_config(cls, config: SidecarConfig, **kwargs: Any) -> Sidecar:
@@ -183,7 +192,7 @@ class Sidecar:
             return batch
         while len(batch) < DRAIN_LIMIT:
             try:
-                batch.append(sock.recv_multipart(zmq.NOBLOCK))
+                batch.append(recv_frames(sock, _NOBLOCK))
             except zmq.Again:
                 break
         return batch
@@ -206,18 +215,35 @@ class Sidecar:
             for lease in led.expired_leases(mono):
                 self._lease_lost(store, lease, now)
             led.release_due(now)
+            out, expired = led.deliveries(now)
+            # New messages are written once, in their final state: a message that goes straight
+            # out to a worker costs one INSERT, not an INSERT and an UPDATE.
+            fresh, self._fresh = self._fresh, []
+            if fresh:
+                store.insert(fresh, now)
+                fresh_seqs = {e.seq for e in fresh}
+                delivered = [e for _, e in out if e.seq not in fresh_seqs]
+            else:
+                delivered = [e for _, e in out]
+            paged = False
             for queue, from_seq, want in list(led.wants_page()):
                 led.paged_in(queue, store.load_ready(queue, from_seq, want), want)
-            out, expired = led.deliveries(now)
+                paged = True
+            if paged:
+                more, late = led.deliveries(now)
+                out += more
+                expired += late
+                delivered += [e for _, e in more]
+            if delivered:
+                store.mark_delivered((e.attempts, e.seq) for e in delivered)
             for entry in expired:
                 self._dead(store, entry, "expired", None, now)
-            if out:
-                store.mark_delivered((e.attempts, e.seq) for _, e in out)
             if purge:
                 store.purge_done(now - self.config.dedupe_window)
                 self._store_counts = store.counts()
             store.commit()
         except BaseException:
+            self._fresh = []
             store.rollback()
             raise
         # Durable from here on: confirm, answer, deliver.
@@ -228,18 +254,27 @@ class Sidecar:
             self._send(sock, [route, p.REJECT, p.pack(items)])
         for frames in replies:
             self._send(sock, frames)
+        batches: dict[bytes, tuple[Lease, list[Any]]] = {}
         for lease, entry in out:
-            led.stats.delivered += 1
+            frames = batches.setdefault(lease.worker_id, (lease, [lease.route, p.DELIVER]))[1]
+            frames += (p.attempt_frame(entry.attempts), entry.header, entry.body)
             if entry.attempts > 1:
                 led.stats.redelivered += 1
-            if not self._send(sock, [lease.route, p.DELIVER, codec.header_with_attempt(entry.header, entry.attempts), entry.body]):
-                # The worker is gone; its lease will expire and the message go to another worker.
-                lease.last_seen = -1e18
+            if len(frames) >= 2 + 3 * DELIVERY_BATCH:
+                self._deliver(sock, lease, batches.pop(lease.worker_id)[1])
+        for lease, frames in batches.values():
+            self._deliver(sock, lease, frames)
         led.gauges()
+
+    def _deliver(self, sock: zmq.Socket, lease: Lease, frames: list[Any]) -> None:
+        if self._send(sock, frames):
+            self.ledger.stats.delivered += (len(frames) - 2) // 3
+        else:
+            lease.last_seen = -1e18  # the worker is gone: its lease expires next pass, its messages go to others
 
     def _send(self, sock: zmq.Socket, frames: list[Any]) -> bool:
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(sock, frames, _NOBLOCK)
             return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH: peer gone; EAGAIN: peer not reading
             log.debug("sidecar: cannot send %s to %s: %s", frames[1], frames[0].hex(), exc.strerror)
@@ -312,6 +347,7 @@ class Sidecar:
         if not pairs or len(pairs) % 2:
             raise DecodeError("PUT: expected header/body pairs", frames)
         led = self.ledger
+        items: list[tuple[Envelope, bytes, bytes, float | None]] = []
         for i in range(0, len(pairs), 2):
             header, body = pairs[i], pairs[i + 1]
             try:
@@ -329,13 +365,19 @@ class Sidecar:
             expires = env.deadline
             if book.policy.ttl is not None:
                 expires = min(expires or float("inf"), now + book.policy.ttl)
-            seq = store.insert(env, header, body, now, expires)
+            items.append((env, header, body, expires))
+        if not items:
+            return
+        confirmed = confirms.setdefault(route, [])
+        for (env, header, body, expires), seq in zip(items, store.reserve([item[0].id for item in items])):
             if seq is None:
                 led.stats.duplicates += 1
             else:
                 led.stats.received += 1
-                led.add(Entry(seq, env.id, env.topic, header, body, 0, 0, expires))
-            confirms.setdefault(route, []).append(env.id)
+                entry = Entry(seq, env.id, env.topic, header, body, 0, 0, expires)
+                self._fresh.append(entry)
+                led.add(entry)
+            confirmed.append(env.id)
 
     def _nack(self, store: Store, route: bytes, frames: list[bytes], now: float, mono: float, replies: list[list[Any]]) -> None:
         led = self.ledger
@@ -401,7 +443,8 @@ class Sidecar:
     def _control(self, store: Store, m: dict[str, Any], now: float) -> Any:
         op = m["op"]
         if op == "stats":
-            self._store_counts = store.counts()
+            if time.monotonic() - self._counted_at > COUNTS_MAX_AGE:
+                self._store_counts, self._counted_at = store.counts(), time.monotonic()
             return self.snapshot()
         flt = DeadLetterFilter.from_wire(m.get("filter") or {})
         if op == "dlq.list":
