@@ -30,7 +30,7 @@ def run_zfabric(*args: str, timeout: float = 60, input: str | None = None) -> su
 def test_demo_runs_every_pattern_and_exits_zero() -> None:
     done = run_zfabric("demo")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "queue ok, pub/sub ok, request-reply ok, scatter-gather ok" in done.stdout
+    assert "queue ok, reliable queue ok, pub/sub ok, request-reply ok, scatter-gather ok" in done.stdout
 
 
 def test_two_demos_at_once_do_not_collide() -> None:

@@ -126,6 +126,8 @@ def test_sidecar_killed_five_times_loses_no_confirmed_message(tmp_path: Path, si
     with sqlite3.connect(store) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         stored = dict(db.execute("SELECT lower(hex(id)), attempts FROM messages").fetchall())
+        interrupted = db.execute("SELECT count(*) FROM history WHERE outcome = 'interrupted'").fetchone()[0]
+    assert interrupted >= 1, "deliveries cut off by a crash are recorded in the history"
     behind = [i for i, a in attempts.items() if stored.get(i, 0) < max(a)]
     assert not behind, "the store's attempt count went backwards"
 

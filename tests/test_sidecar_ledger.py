@@ -107,7 +107,7 @@ def store_with_dead(path: Path, n: int) -> tuple[Store, list[Envelope]]:
         [seq] = store.reserve([env.id])
         assert seq is not None
         store.insert([Entry(seq, env.id, env.topic, header, body)], 1000.0 + i)
-        store.mark_delivered([(1, seq)])
+        store.mark_delivered([(1, "w/1", seq)])
         store.add_history([(env.id, 1, 1000.0 + i, "w/1", "nack", "KeyError" if i < 4 else "ValueError", "boom", "tb")])
         store.mark_dead(seq, "max-attempts", "KeyError" if i < 4 else "ValueError", 2000.0 + i)
         envs.append(env)

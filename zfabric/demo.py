@@ -73,6 +73,75 @@ def demo_queue(console: Console, messages: int = 300, workers: int = 3) -> bool:
     return ok
 
 
+def demo_reliable(console: Console, messages: int = 1000) -> bool:
+    """A reliable queue: the sidecar is killed (SIGKILL) mid-stream and restarted; nothing confirmed is
+    lost, and a poison message ends in the dead-letter queue after 3 attempts."""
+    import tempfile
+
+    from .patterns.reliable import ReliableProducer
+    from .patterns.worker import Worker
+    from .sidecar.client import SidecarClient
+    from .sidecar.service import SidecarProcess
+
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def handle(env: Envelope) -> None:
+        if env.body["n"] == 13:
+            raise ValueError("order 13 has no items")
+        with lock:
+            done.append(env.body["n"])
+
+    with tempfile.TemporaryDirectory(prefix="zf-demo-") as tmp:
+        endpoint = f"ipc://{tmp}/sidecar"
+        args = ("--max-attempts", "3", "--backoff-base", "0.05", "--backoff-cap", "0.2")
+        sidecar = SidecarProcess(f"{tmp}/orders.db", ["orders"], endpoint=endpoint, extra_args=args).start()
+        workers = [Worker(endpoint, "orders", handle, window=50, heartbeat=0.3).start() for _ in range(2)]
+        confirmed: list[Envelope] = []
+        start = time.perf_counter()
+        try:
+            with ReliableProducer(endpoint, "orders", resend_after=0.3, timeout=15) as producer:
+                killer = threading.Thread(target=lambda: (_wait_for(lambda: len(confirmed) >= messages // 3), sidecar.kill(),
+                                                          sidecar.start()), daemon=True)
+                killer.start()
+                producer.send_many(({"n": n} for n in range(messages)), on_confirm=confirmed.append)
+                killer.join(15)
+            _wait_for(lambda: len(set(done)) >= messages - 1, timeout=15)
+            with SidecarClient(endpoint) as client:
+                _wait_for(lambda: client.stats()["counters"]["dead_lettered"] >= 1, timeout=5)
+                dead = client.dead_letters(history=True)
+        finally:
+            for w in workers:
+                w.close(0)
+            sidecar.stop()
+    elapsed = time.perf_counter() - start
+    lost = {e.body["n"] for e in confirmed} - set(done) - {13}
+    ok = len(confirmed) == messages and not lost and len(dead) == 1 and len(dead[0].history) == 3
+    console.rule(f"Reliable queue (sidecar): {messages} orders, sidecar killed with SIGKILL once, in {_ms(elapsed)}", align="left")
+    table = Table()
+    table.add_column("confirmed", justify="right")
+    table.add_column("handled", justify="right")
+    table.add_column("lost", justify="right")
+    table.add_column("handled twice", justify="right")
+    table.add_column("dead letters")
+    table.add_row(str(len(confirmed)), str(len(set(done))), str(len(lost)), str(len(done) - len(set(done))),
+                  "; ".join(f"order {d.envelope.body['n'] if d.envelope else '?'}: {d.reason} after "
+                            f"{len(d.history)} attempts ({d.error_type})" for d in dead))
+    table.caption = ("every confirmed order handled, the poison one dead-lettered: " + ("yes" if ok else "NO")
+                     + "  (handled twice: in flight when the sidecar died; handlers are idempotent)")
+    console.print(table)
+    return ok
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
 def demo_pubsub(console: Console, messages: int = 200) -> bool:
     """A publisher, a forwarder process and three subscribers on two topics."""
     with ForwarderProcess() as fwd:
@@ -195,9 +264,11 @@ def run_demo(console: Console | None = None) -> bool:
     console = console or Console()
     # The slow scatter member's late replies are expected here and shown in the report.
     logging.getLogger("zfabric.reqrep").setLevel(logging.ERROR)
+    logging.getLogger("zfabric.sidecar").setLevel(logging.ERROR)  # the poison message's fate is in the report
     console.rule("[bold]zfabric demo: every pattern, live on loopback")
     results = {}
-    for name, section in (("queue", demo_queue), ("pub/sub", demo_pubsub), ("request-reply", demo_reqrep),
+    for name, section in (("queue", demo_queue), ("reliable queue", demo_reliable), ("pub/sub", demo_pubsub),
+                          ("request-reply", demo_reqrep),
                           ("scatter-gather", demo_scatter)):
         results[name] = section(console)
     good = all(results.values())

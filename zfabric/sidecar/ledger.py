@@ -55,6 +55,11 @@ class Lease:
     window: int
     last_seen: float
     inflight: dict[bytes, Entry] = field(default_factory=dict)
+    label: str = ""
+    """How history and logs name this worker: its name and the start of its id."""
+
+    def __post_init__(self) -> None:
+        self.label = f"{self.name or 'worker'}/{self.worker_id.hex()[:8]}"
 
     @property
     def free(self) -> int:
@@ -242,6 +247,7 @@ class Ledger:
                         expired.append(entry)
                         continue
                     entry.attempts += 1
+                    entry.worker = lease.label
                     lease.inflight[entry.id] = entry
                     out.append((lease, entry))
                     if lease.free <= 0:

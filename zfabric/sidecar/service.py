@@ -235,7 +235,7 @@ class Sidecar:
                 expired += late
                 delivered += [e for _, e in more]
             if delivered:
-                store.mark_delivered((e.attempts, e.seq) for e in delivered)
+                store.mark_delivered((e.attempts, e.worker, e.seq) for e in delivered)
             for entry in expired:
                 self._dead(store, entry, "expired", None, now)
             if purge:
@@ -436,7 +436,7 @@ class Sidecar:
 
     @staticmethod
     def _who(lease: Lease | None) -> str | None:
-        return None if lease is None else f"{lease.name or 'worker'}/{lease.worker_id.hex()[:8]}"
+        return None if lease is None else lease.label
 
     # -- control --------------------------------------------------------------------------
 

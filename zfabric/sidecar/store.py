@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS messages (
     finished_at REAL,
     reason TEXT,
     error_type TEXT,
+    worker TEXT,
     header BLOB,
     body BLOB
 );
@@ -73,6 +74,8 @@ class Entry:
     attempts: int = 0
     budget_base: int = 0
     expires_at: float | None = None
+    worker: str | None = None
+    """Who holds the current delivery (written with it, so a crash report can name the worker)."""
 
     @property
     def budget_used(self) -> int:
@@ -286,14 +289,14 @@ class Store:
     def insert(self, entries: Sequence[Entry], received_at: float) -> None:
         """Write reserved messages: ready, or already out with a worker (attempt counted) if delivered in this pass."""
         self._conn.executemany(
-            "INSERT INTO messages (seq, id, queue, state, attempts, available_at, received_at, expires_at, header, body) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (seq, id, queue, state, attempts, available_at, received_at, expires_at, worker, header, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(e.seq, e.id, e.queue, INFLIGHT if e.attempts else READY, e.attempts, received_at, received_at,
-              e.expires_at, e.header, e.body) for e in entries])
+              e.expires_at, e.worker, e.header, e.body) for e in entries])
 
-    def mark_delivered(self, rows: Iterable[tuple[int, int]]) -> None:
-        """(attempts, seq) pairs: these messages are now out with a worker, attempt counted."""
-        self._conn.executemany("UPDATE messages SET state = 2, attempts = ? WHERE seq = ?", rows)
+    def mark_delivered(self, rows: Iterable[tuple[int, str | None, int]]) -> None:
+        """(attempts, worker, seq) rows: these messages are now out with a worker, attempt counted."""
+        self._conn.executemany("UPDATE messages SET state = 2, attempts = ?, worker = ? WHERE seq = ?", rows)
 
     def mark_done(self, rows: Iterable[tuple[float, int]]) -> None:
         """(finished_at, seq) pairs: acknowledged. The body is dropped; the id stays for deduplication."""
@@ -311,7 +314,14 @@ class Store:
         self._conn.executemany("INSERT INTO history VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def recover(self) -> list[tuple[float, Entry]]:
-        """At start: messages that were out with workers are ready again; returns the delayed ones with their due time."""
+        """At start: messages that were out with workers are ready again; returns the delayed ones with their due time.
+
+        Each of those deliveries gets a history line: its outcome never reached the store.
+        """
+        self.add_history(self._conn.execute(
+            "SELECT id, attempts, ?, worker, 'interrupted', 'SidecarRestart', "
+            "'the sidecar stopped while this delivery was out; its outcome is unknown', NULL "
+            "FROM messages WHERE state = 2", (time.time(),)).fetchall())
         self._conn.execute("UPDATE messages SET state = 0 WHERE state = 2")
         rows = self._conn.execute(
             "SELECT available_at, seq, id, queue, header, body, attempts, budget_base, expires_at "
