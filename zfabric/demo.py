@@ -101,8 +101,12 @@ def demo_reliable(console: Console, messages: int = 1000) -> bool:
         start = time.perf_counter()
         try:
             with ReliableProducer(endpoint, "orders", resend_after=0.3, timeout=15) as producer:
-                killer = threading.Thread(target=lambda: (_wait_for(lambda: len(confirmed) >= messages // 3), sidecar.kill(),
-                                                          sidecar.start()), daemon=True)
+                def crash_and_restart() -> None:
+                    _wait_for(lambda: len(confirmed) >= messages // 3)
+                    sidecar.kill()
+                    sidecar.start()
+
+                killer = threading.Thread(target=crash_and_restart, daemon=True)
                 killer.start()
                 producer.send_many(({"n": n} for n in range(messages)), on_confirm=confirmed.append)
                 killer.join(15)
