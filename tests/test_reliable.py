@@ -189,13 +189,14 @@ def test_unconfirmed_messages_are_reported_and_resend_without_duplicates(tmp_pat
     assert dup <= 100, "only messages in flight to the worker at the crash may run twice"
 
 
-def test_poison_message_is_dead_lettered_after_max_attempts_without_stalling(tmp_path: Path, sidecars: Sidecars,
+@pytest.mark.parametrize("face", ["sync", "asyncio"])
+def test_poison_message_is_dead_lettered_after_max_attempts_without_stalling(face: str, tmp_path: Path, sidecars: Sidecars,
                                                                            processes: Processes) -> None:
     """One poison message among 10,000, max attempts 5: delivered exactly 5 times, then dead-lettered with
     all 5 attempts recorded; the other 9,999 are processed, some of them while the poison waits."""
     sc = sidecars.start(tmp_path / "q.db", args=("--max-attempts", "5", "--backoff-base", "0.2", "--backoff-cap", "1"))
     logs = [tmp_path / "w.log"]
-    start_worker(processes, sc.endpoint, logs[0], "--poison", "0")
+    start_worker(processes, sc.endpoint, logs[0], "--poison", "0", *(["--asyncio"] if face == "asyncio" else []))
     with ReliableProducer(sc.endpoint, "orders", timeout=60) as producer:
         envs = producer.send_many({"n": i} for i in range(10_000))
     poison = envs[0].id_hex
@@ -219,14 +220,16 @@ def test_poison_message_is_dead_lettered_after_max_attempts_without_stalling(tmp
     assert dead.envelope.attempt == 1, "the dead letter keeps the original envelope unchanged"
 
 
-def test_stopped_worker_loses_its_lease_and_late_acks_are_ignored(tmp_path: Path, sidecars: Sidecars,
+@pytest.mark.parametrize("face", ["sync", "asyncio"])
+def test_stopped_worker_loses_its_lease_and_late_acks_are_ignored(face: str, tmp_path: Path, sidecars: Sidecars,
                                                                  processes: Processes) -> None:
     """SIGSTOP a worker: detected within 5 s, its messages go to the other worker; after SIGCONT its acks
     are ignored and counted."""
     sc = sidecars.start(tmp_path / "q.db", args=("--lease-timeout", "3"))
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    frozen = start_worker(processes, sc.endpoint, logs[0], "--delay", "0.005", "--window", "20")
-    start_worker(processes, sc.endpoint, logs[1], "--delay", "0.005", "--window", "20")
+    flags = ["--asyncio"] if face == "asyncio" else []
+    frozen = start_worker(processes, sc.endpoint, logs[0], "--delay", "0.005", "--window", "20", *flags)
+    start_worker(processes, sc.endpoint, logs[1], "--delay", "0.005", "--window", "20", *flags)
     with ReliableProducer(sc.endpoint, "orders") as producer:
         envs = producer.send_many({"n": i} for i in range(600))
     assert wait_until(lambda: len(processed(logs[:1])) >= 20, timeout=30)

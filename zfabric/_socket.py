@@ -96,6 +96,13 @@ def open_socket(
         raise TransportError(f"cannot {verb}: {exc.strerror}", endpoint=where, errno=exc.errno) from exc
 
 
+def warn_exposed(who: str, endpoints: Sequence[Endpoint]) -> None:
+    """Warn about each endpoint reachable beyond this host: its traffic travels unencrypted."""
+    for ep in endpoints:
+        if not ep.is_loopback:
+            log.warning("%s: %s is reachable beyond this host and traffic is not encrypted", who, ep.address)
+
+
 _SNDMORE = int(zmq.SNDMORE)
 _WITH_MORE = {0: _SNDMORE, int(zmq.NOBLOCK): _SNDMORE | int(zmq.NOBLOCK)}
 """Plain ints: OR-ing pyzmq's IntFlag constants runs enum code on every frame."""
@@ -191,9 +198,7 @@ class SocketOwner:
             raise ClosedError(f"{type(self).__name__} is closed")
 
     def _warn_exposed(self) -> None:
-        for ep in self._endpoint_specs:
-            if not ep.is_loopback:
-                log.warning("%s: %s is reachable beyond this host and traffic is not encrypted", type(self).__name__, ep.address)
+        warn_exposed(type(self).__name__, self._endpoint_specs)
 
     def _attach_peer_watch(self, sock: Any) -> None:
         self._peers = PeerWatch(sock)

@@ -22,7 +22,7 @@ import zmq
 
 from .. import codec
 from .._logs import Throttled
-from .._socket import open_socket, recv_frames, send_frames
+from .._socket import open_socket, recv_frames, send_frames, warn_exposed
 from ..endpoint import Endpoint
 from ..envelope import Envelope
 from ..errors import ConfigError, DecodeError, FabricError
@@ -136,8 +136,9 @@ class Sidecar:
             store = Store(cfg.store, synchronous=cfg.synchronous)
             self._store = store
             self._recover(store)
-            sock, actual = open_socket(ctx, zmq.ROUTER, [Endpoint.parse(cfg.endpoint, default_bind=True)], self.options,
-                                       tune={zmq.ROUTER_MANDATORY: 1})
+            where = [Endpoint.parse(cfg.endpoint, default_bind=True)]
+            sock, actual = open_socket(ctx, zmq.ROUTER, where, self.options, tune={zmq.ROUTER_MANDATORY: 1})
+            warn_exposed("sidecar", where)
             self.endpoint = actual[0]
             self._sock = sock
             log.info("sidecar ready endpoint=%s store=%s queues=%s", self.endpoint, cfg.store, ",".join(cfg.queues))
