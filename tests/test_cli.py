@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -128,3 +130,20 @@ def test_bad_endpoint_names_the_endpoint() -> None:
     result = runner.invoke(app, ["pull", "-e", "tpc://nowhere"])
     assert result.exit_code == 1
     assert re.search(r"endpoint 'tpc://nowhere': expected one of tcp://", result.output)
+
+
+def test_bench_quick_completes_and_prints_every_row(tmp_path: Path) -> None:
+    """A smoke run of the benchmark: it finishes and reports every figure. Never a timing assertion."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "zfabric", "bench", "--quick", "-o", str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    figures = [r["figure"] for r in rows]
+    for expected in ("queue msgs/s, 100 B", "queue msgs/s, 4 KiB", "queue msgs/s, 256 KiB", "request-reply p50",
+                     "request-reply req/s", "scatter-gather p50, 3 members", "scatter-gather p99, 10 members",
+                     "pub/sub msgs/s per subscriber, 100 B, 1 sub", "pub/sub msgs/s per subscriber, 100 B, 3 sub",
+                     "reliable confirmed msgs/s", "peak RSS"):
+        assert any(f.startswith(expected) for f in figures), f"no row {expected!r} in {figures}"
+        assert expected in done.stdout
+    assert all(r["zf"] is not None or r["note"] for r in rows)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import dlq, forwarder, pubsub, queue, reqrep, scatter, sidecar
+from . import bench, dlq, forwarder, pubsub, queue, reqrep, scatter, sidecar
 
 app = typer.Typer(
     name="zfabric",
@@ -58,6 +58,7 @@ app.command()(queue.pull)
 app.command()(reqrep.request)
 app.command()(reqrep.echo)
 app.command()(scatter.scatter)
+app.command()(bench.bench)
 app.add_typer(sidecar.app, name="sidecar")
 app.add_typer(dlq.app, name="dlq")
 

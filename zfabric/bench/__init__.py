@@ -1,0 +1,1 @@
+"""Benchmarks: each pattern through zfabric and the same traffic through raw pyzmq, in one run (`zfabric bench`)."""

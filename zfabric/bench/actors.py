@@ -1,0 +1,345 @@
+"""The processes a benchmark starts: `python -m zfabric.bench.actors ROLE 'JSON args'`.
+
+Each role prints JSON lines on stdout: `{"endpoint": ...}` when it is listening, and one
+final `{"result": ...}`. Every role exists in two implementations, `raw` (plain pyzmq,
+msgpack bodies, no envelope) and `zf` (zfabric), doing the same work, so the two can be
+compared within one run on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+import msgpack
+import zmq
+
+LOOPBACK = "tcp://127.0.0.1:0"
+LINGER = 1000
+
+
+def emit(**fields: Any) -> None:
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def body_of(size: int) -> Any:
+    """100 B: a small msgpack map, as a service would send; larger: opaque bytes (no encoding either side)."""
+    if size <= 1024:
+        return {"data": "x" * max(size - 12, 1)}
+    return b"x" * size
+
+
+# -- queue ------------------------------------------------------------------------------
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def queue_pull(impl: str, count: int, size: int = 100, slow_every: int = 0) -> None:
+    """Receive `count` messages; time from the first to the last. `slow_every`: sleep 1 ms every N messages."""
+    if impl == "raw":
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, LINGER)
+        sock.bind(LOOPBACK)
+        emit(endpoint=sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        recv = sock.recv
+        unpack = msgpack.unpackb if size <= 1024 else _identity
+        unpack(recv())
+        start = time.perf_counter()
+        for n in range(count - 1):
+            unpack(recv())
+            if slow_every and n % slow_every == 0:
+                time.sleep(0.001)
+        elapsed = time.perf_counter() - start
+        sock.close()
+        ctx.term()
+    else:
+        from zfabric import Consumer
+
+        with Consumer(LOOPBACK) as consumer:
+            emit(endpoint=consumer.endpoint)
+            receive = consumer.receive
+            receive()
+            start = time.perf_counter()
+            for n in range(count - 1):
+                receive()
+                if slow_every and n % slow_every == 0:
+                    time.sleep(0.001)
+            elapsed = time.perf_counter() - start
+    emit(result={"count": count - 1, "seconds": elapsed, "rss_mb": rss_mb()})
+
+
+def queue_push(impl: str, endpoint: str, count: int, size: int, batch: int = 0) -> None:
+    body = body_of(size)
+    if impl == "raw":
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, -1)  # the benchmark must deliver everything before exiting
+        sock.connect(endpoint)
+        send, pack = sock.send, msgpack.packb
+        if isinstance(body, bytes):
+            for _ in range(count):
+                send(body, copy=len(body) < 65536)
+        else:
+            for _ in range(count):
+                send(pack(body))
+        sock.close()
+        ctx.term()
+    else:
+        from zfabric import Producer, SocketOptions
+
+        with Producer(endpoint, options=SocketOptions(linger_ms=60_000)) as producer:
+            producer.wait_for_consumers(1)
+            if batch:
+                for i in range(0, count, batch):
+                    producer.send_batch([body] * min(batch, count - i))
+            else:
+                send = producer.send
+                for _ in range(count):
+                    send(body)
+    emit(result={"rss_mb": rss_mb()})
+
+
+# -- request-reply and scatter-gather -------------------------------------------------------
+
+def echo_server(impl: str) -> None:
+    """Answer every request with its body until killed."""
+    if impl == "raw":
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(LOOPBACK)
+        emit(endpoint=sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        recv, send, pack, unpack = sock.recv_multipart, sock.send_multipart, msgpack.packb, msgpack.unpackb
+        while True:
+            route, payload = recv()
+            send([route, pack(unpack(payload))])
+    else:
+        from zfabric import Replier
+
+        replier = Replier(LOOPBACK, lambda env: env.body)
+        emit(endpoint=replier.endpoint)
+        replier.serve()
+
+
+def rr_client(impl: str, endpoint: str, count: int, inflight: int, size: int) -> None:
+    """`count` requests, `inflight` at a time: round-trip times (inflight 1) or total time."""
+    body = body_of(size)
+    rtts: list[float] = []
+    if impl == "raw":
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        send, recv, pack, unpack = sock.send, sock.recv, msgpack.packb, msgpack.unpackb
+        send(pack(body))
+        unpack(recv())
+        clock = time.perf_counter
+        start = clock()
+        if inflight == 1:
+            for _ in range(count):
+                t = clock()
+                send(pack(body))
+                unpack(recv())
+                rtts.append(clock() - t)
+        else:
+            for _ in range(count // inflight):
+                for _ in range(inflight):
+                    send(pack(body))
+                for _ in range(inflight):
+                    unpack(recv())
+        elapsed = clock() - start
+        sock.close()
+        ctx.term()
+    else:
+        from zfabric import Requester
+
+        with Requester(endpoint, timeout=10.0, retries=0) as requester:
+            request = requester.request
+            request(body)
+            clock = time.perf_counter
+            start = clock()
+            if inflight == 1:
+                for _ in range(count):
+                    t = clock()
+                    request(body)
+                    rtts.append(clock() - t)
+            else:
+                many = requester.request_many
+                for _ in range(count // inflight):
+                    many([body] * inflight)
+            elapsed = clock() - start
+    emit(result={"count": count if inflight == 1 else count // inflight * inflight, "seconds": elapsed,
+                 "rtts": rtts})
+
+
+def sg_client(impl: str, endpoints: list[str], count: int, size: int) -> None:
+    """`count` rounds of one request to every member, each round waiting for every reply."""
+    body = body_of(size)
+    rtts: list[float] = []
+    clock = time.perf_counter
+    if impl == "raw":
+        ctx = zmq.Context()
+        socks = []
+        poller = zmq.Poller()
+        for ep in endpoints:
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(ep)
+            poller.register(s, zmq.POLLIN)
+            socks.append(s)
+        pack, unpack = msgpack.packb, msgpack.unpackb
+
+        def round_trip() -> None:
+            payload = pack(body)
+            for s in socks:
+                s.send(payload)
+            left = len(socks)
+            while left:
+                for s, _ in poller.poll():
+                    unpack(s.recv())
+                    left -= 1
+
+        round_trip()
+        for _ in range(count):
+            t = clock()
+            round_trip()
+            rtts.append(clock() - t)
+        for s in socks:
+            s.close()
+        ctx.term()
+    else:
+        from zfabric import Scatterer
+
+        with Scatterer({f"m{i}": ep for i, ep in enumerate(endpoints)}, deadline=10.0) as group:
+            group.scatter(body)
+            for _ in range(count):
+                t = clock()
+                group.scatter(body)
+                rtts.append(clock() - t)
+    emit(result={"count": count, "rtts": rtts})
+
+
+# -- pub/sub ----------------------------------------------------------------------------------
+
+TOPIC = "bench.t"
+
+
+def ps_sub(impl: str, xpub: str, count: int) -> None:
+    """Receive `count` messages of TOPIC after the publisher says go; gives up after 3 s of silence."""
+    got = 0
+    start = last = 0.0
+    if impl == "raw":
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(xpub)
+        sock.setsockopt(zmq.SUBSCRIBE, TOPIC.encode())
+        sock.recv_multipart()  # the first warm-up message: our subscription has reached the publisher
+        emit(ready=True)
+        while sock.recv_multipart()[1] == b"warm":
+            pass  # the publisher sends these until the harness says go
+        start = last = time.perf_counter()
+        got = 1
+        unpack = msgpack.unpackb
+        while got < count and sock.poll(3000):
+            topic, payload = sock.recv_multipart()
+            unpack(payload)
+            got += 1
+        last = time.perf_counter()
+        sock.close()
+        ctx.term()
+    else:
+        from zfabric import SocketOptions, Subscriber
+
+        with Subscriber(xpub, topics=TOPIC, options=SocketOptions(receive_hwm=0)) as sub:
+            sub.wait_ready(timeout=10)
+            emit(ready=True)
+            sub.receive(timeout=30)
+            start = time.perf_counter()
+            got = 1
+            receive = sub.receive
+            try:
+                while got < count:
+                    receive(timeout=3)
+                    got += 1
+            except TimeoutError:
+                pass
+            last = time.perf_counter()
+    emit(result={"count": got - 1, "seconds": last - start})
+
+
+def ps_pub(impl: str, xsub: str, count: int, size: int, subscribers: int) -> None:
+    body = body_of(size)
+    if impl == "raw":
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.LINGER, -1)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(xsub)
+        topic = TOPIC.encode()
+        # Raw PUB cannot see subscribers: send warm-up messages until the harness says go.
+        import select
+
+        while not select.select([sys.stdin], [], [], 0.005)[0]:
+            sock.send_multipart([topic, b"warm"])
+        sys.stdin.readline()
+        pack, send = msgpack.packb, sock.send
+        more = zmq.SNDMORE
+        for _ in range(count):
+            send(topic, more)
+            send(pack(body))
+        sock.close()
+        ctx.term()
+    else:
+        from zfabric import Publisher, SocketOptions
+
+        with Publisher(xsub, options=SocketOptions(send_hwm=0, linger_ms=60_000)) as pub:
+            pub.wait_for_subscribers(subscribers, TOPIC, timeout=20)
+            sys.stdin.readline()
+            publish = pub.publish
+            for _ in range(count):
+                publish(TOPIC, body)
+    emit(result={})
+
+
+# -- reliable queue -----------------------------------------------------------------------------
+
+def rel_worker(endpoint: str, window: int = 200) -> None:
+    from zfabric import Worker
+
+    worker = Worker(endpoint, "bench", lambda env: None, window=window)
+    emit(ready=True)
+    worker.run()
+
+
+def rel_producer(endpoint: str, count: int, size: int) -> None:
+    """Send `count` messages to a reliable queue; time until every one is confirmed durable."""
+    from zfabric import ReliableProducer
+
+    body = body_of(size)
+    with ReliableProducer(endpoint, "bench", max_in_flight=500, batch_size=100, timeout=60) as producer:
+        producer.send_many([body] * 500)
+        start = time.perf_counter()
+        for i in range(0, count, 10_000):
+            producer.send_many([body] * min(10_000, count - i))
+        elapsed = time.perf_counter() - start
+    emit(result={"count": count, "seconds": elapsed, "rss_mb": rss_mb()})
+
+
+ROLES = {f.__name__.replace("_", "-"): f for f in (queue_pull, queue_push, echo_server, rr_client, sg_client, ps_sub, ps_pub,
+                                                    rel_worker, rel_producer)}
+
+if __name__ == "__main__":
+    ROLES[sys.argv[1]](**json.loads(sys.argv[2]))
