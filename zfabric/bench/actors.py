@@ -88,8 +88,9 @@ def queue_push(impl: str, endpoint: str, count: int, size: int, batch: int = 0) 
         sock.connect(endpoint)
         send, pack = sock.send, msgpack.packb
         if isinstance(body, bytes):
+            copy = len(body) < 65536
             for _ in range(count):
-                send(body, copy=len(body) < 65536)
+                send(body, 0, copy=copy)  # type: ignore[call-overload]
         else:
             for _ in range(count):
                 send(pack(body))

@@ -120,7 +120,8 @@ class Procs:
         if not found:
             proc.kill()
             err = proc.stderr.read() if proc.stderr else ""
-            raise FabricError(f"benchmark process {proc.args[3] if len(proc.args) > 3 else proc.args} gave no "
+            role = proc.args[3] if isinstance(proc.args, list) and len(proc.args) > 3 else proc.args
+            raise FabricError(f"benchmark process {role!s} gave no "
                               f"{key!r} within {timeout:g} s:\n{err[-2000:]}")
         return found[0]
 
@@ -166,6 +167,11 @@ def rr(impl: str, count: int, inflight: int) -> dict[str, Any]:
         client = ps.spawn("rr-client", impl=impl, endpoint=ps.read(server, "endpoint"), count=count,
                           inflight=inflight, size=100)
         return dict(ps.read(client, "result"))
+
+
+def rr_rate(impl: str, count: int, inflight: int) -> float:
+    result = rr(impl, count, inflight)
+    return float(result["count"] / result["seconds"])
 
 
 def scatter(impl: str, members: int, rounds: int) -> list[float]:
@@ -238,13 +244,14 @@ def run_suite(quick: bool = False, on_row: Callable[[Row], None] | None = None,
     def want(group: str) -> bool:
         return only is None or group in only
 
-    def best_of(fn: Callable[[], float]) -> float:
-        return _median([fn() for _ in range(plan.repeat)])
+    def best_of(fn: Callable[..., float], *args: Any) -> float:
+        """The median of `repeat` runs of fn(*args)."""
+        return _median([fn(*args) for _ in range(plan.repeat)])
 
     raw_queue_100 = None
     if want("queue"):
         for size, count in plan.queue_counts.items():
-            rates = {impl: best_of(lambda impl=impl: queue_rate(impl, count, size)[0]) for impl in IMPLS}
+            rates = {impl: best_of(lambda *a: queue_rate(*a)[0], impl, count, size) for impl in IMPLS}
             label = f"{size} B" if size < 1024 else f"{size // 1024} KiB"
             if size == 100:
                 raw_queue_100 = rates["raw"]
@@ -257,8 +264,7 @@ def run_suite(quick: bool = False, on_row: Callable[[Row], None] | None = None,
         p99 = {impl: _median([_pct(r["rtts"], 0.99) for r in lat[impl]]) * 1e6 for impl in IMPLS}
         add(Row("request-reply p50, 1 in flight", "us", p50["raw"], p50["zf"], higher_is_better=False, target=1.3))
         add(Row("request-reply p99, 1 in flight", "us", p99["raw"], p99["zf"], higher_is_better=False))
-        tput = {impl: best_of(lambda impl=impl: (lambda r: r["count"] / r["seconds"])(rr(impl, plan.rr_throughput, 100)))
-                for impl in IMPLS}
+        tput = {impl: best_of(rr_rate, impl, plan.rr_throughput, 100) for impl in IMPLS}
         add(Row("request-reply req/s, 100 in flight", "req/s", tput["raw"], tput["zf"], target=0.7))
     if want("scatter"):
         for members in (3, 10):
@@ -268,12 +274,12 @@ def run_suite(quick: bool = False, on_row: Callable[[Row], None] | None = None,
                 add(Row(f"scatter-gather {name}, {members} members", "us", vals["raw"], vals["zf"], higher_is_better=False))
     if want("pubsub"):
         for subs in (1, 3):
-            rates = {impl: best_of(lambda impl=impl: pubsub_rate(impl, subs, plan.pubsub_count)) for impl in IMPLS}
+            rates = {impl: best_of(pubsub_rate, impl, subs, plan.pubsub_count) for impl in IMPLS}
             add(Row(f"pub/sub msgs/s per subscriber, 100 B, {subs} sub(s), via forwarder", "msg/s", rates["raw"],
                     rates["zf"], target=0.7 if subs == 1 else None))
     if want("reliable"):
         if raw_queue_100 is None:
-            raw_queue_100 = best_of(lambda: queue_rate("raw", plan.queue_counts[100], 100)[0])
+            raw_queue_100 = best_of(lambda *a: queue_rate(*a)[0], "raw", plan.queue_counts[100], 100)
         for sync in ("full", "normal"):
             rate = reliable_rate(plan.reliable_count, sync)
             add(Row(f"reliable confirmed msgs/s, 100 B, synchronous={sync} (vs raw queue)", "msg/s", raw_queue_100, rate,
