@@ -165,3 +165,45 @@ def test_send_many_reports_what_went_out_before_a_timeout(face: Face) -> None:
     went = [env.body[0] for env in info.value.sent]
     assert went == list(range(len(went))) and 0 < len(went) < 10_000
     assert [consumer.receive(timeout=5.0).body[0] for _ in went] == went
+
+
+def test_send_batch_delivers_every_message_in_order_with_its_own_envelope(face: Face) -> None:
+    consumer = face.consumer("tcp://127.0.0.1:0")
+    producer = face.producer(consumer.endpoint, send_timeout=10.0)
+    producer.wait_for_consumers(1, timeout=10.0)
+    bodies: list[Any] = [{"n": n} for n in range(2500)] + [b"raw bytes", "text", None, [1, 2], b"y" * 100_000]
+    sent = producer.send_batch(bodies, headers={"trace": "t-1"}, ttl=60)
+    assert [e.body for e in sent] == bodies
+    got = [consumer.receive(timeout=5.0) for _ in bodies]
+    assert [e.body for e in got] == bodies
+    assert [e.id for e in got] == [e.id for e in sent], "each message keeps its own id"
+    assert all(e.headers == {"trace": "t-1"} and e.deadline is not None for e in got)
+    assert consumer.stats.received == len(bodies)
+    assert producer.stats.sent == len(bodies)
+
+
+def test_hostile_batches_are_counted_and_skipped(face: Face, ctx: zmq.Context) -> None:
+    consumer = face.consumer("tcp://127.0.0.1:0")
+    raw = ctx.socket(zmq.PUSH)
+    raw.setsockopt(zmq.LINGER, 1000)
+    raw.connect(consumer.endpoint)
+    ids = IdSource()
+    envs = [Envelope(ids.next(), Kind.MESSAGE, "", {"n": n}, created_at=time.time()) for n in range(3)]
+    header, entries = codec.encode_batch(envs)
+    decoded = msgpack.unpackb(entries)
+    hostile = [
+        [header, b"\xc1"],                                                    # not msgpack
+        [header, msgpack.packb(decoded[:2])],                                 # count does not match
+        [header, msgpack.packb([decoded[0], decoded[1], [1, 2, 3]])],        # a short entry
+        [header, msgpack.packb([decoded[0], decoded[1], [*decoded[2][:11], 1, 42]])],  # raw body that is not bytes
+        [header, msgpack.packb([decoded[0], decoded[1], [99, *decoded[2][1:]]])],      # unknown version
+        [codec.BATCH_PREFIX + b"\xff", entries],                             # broken batch header
+    ]
+    for frames in hostile:
+        raw.send_multipart(frames)
+    raw.send_multipart(codec.encode_batch(envs))
+    got = [consumer.receive(timeout=5.0).body["n"] for _ in range(3)]
+    raw.close()
+    assert got == [0, 1, 2]
+    assert consumer.stats.decode_errors == len(hostile)
+    assert consumer.stats.received == 3

@@ -11,13 +11,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
 
 import zmq
 
 from . import codec
 from ._counters import Counters
 from ._logs import Throttled
-from ._socket import SocketOwner, recv_frames
+from ._socket import SocketOwner, readable, recv_frames
 from .envelope import Envelope
 from .errors import DecodeError, ReceiveTimeout
 
@@ -25,10 +26,11 @@ log = logging.getLogger("zfabric")
 
 
 _bad_input = Throttled(log)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 def decode_counted(frames: Sequence[bytes], stats: Counters, who: str,
-                   decode: Callable[[Sequence[bytes]], Envelope] = codec.decode) -> Envelope | None:
+                   decode: Callable[[Sequence[bytes]], Any] = codec.decode) -> Any:
     """The envelope in `frames`, or None when they are not one: counted in `stats`, logged (throttled per `who`)."""
     try:
         env = decode(frames)
@@ -49,10 +51,25 @@ class Inbox(SocketOwner):
     _pending: deque[Envelope] | None = None
     """Envelopes received while waiting for something else (a readiness probe), served first."""
 
+    _batches = False
+    """Point-to-point receivers also accept batches (many envelopes in one ZeroMQ message)."""
+
     def _accept(self, frames: list[bytes]) -> Envelope | None:
         """The envelope in `frames`, or None (counted and logged) when they are not one."""
+        if self._batches and len(frames) == 2 and frames[0][:3] == codec.BATCH_PREFIX:
+            return self._accept_batch(frames)
         env = decode_counted(frames, self.stats, self._who, self._decode)
         return None if env is None else self._after_accept(env)
+
+    def _accept_batch(self, frames: list[bytes]) -> Envelope | None:
+        envs = decode_counted(frames, self.stats, self._who, codec.decode_batch)
+        if not envs:
+            return None
+        self.stats.received += len(envs) - 1
+        if self._pending is None:
+            self._pending = deque()
+        self._pending.extend(envs[1:])
+        return envs[0]
 
     def _after_accept(self, env: Envelope) -> Envelope | None:
         """Hook for patterns that look at each envelope (sequence gaps, control topics)."""
@@ -81,9 +98,9 @@ class SyncInbox(Inbox):
                     return env
         deadline = time.monotonic() + timeout
         while True:
-            if not sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+            if not readable(sock, _remaining_ms(deadline)):
                 raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}")
-            env = self._accept(recv_frames(sock, zmq.NOBLOCK))
+            env = self._accept(recv_frames(sock, _NOBLOCK))
             if env is not None:
                 return env
 

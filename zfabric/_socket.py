@@ -124,6 +124,27 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) ->
     sock.send(last, flags, copy=len(last) < ZERO_COPY_MIN)
 
 
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+_zmq_poll = zmq.zmq_poll
+
+
+def readable(sock: zmq.Socket[Any], timeout_ms: int) -> bool:
+    """Whether a message can be received from a sync socket within `timeout_ms` (-1: forever).
+
+    Checks the socket's own event flags first and polls only when nothing is waiting;
+    pyzmq's Socket.poll builds a Poller on every call, which costs more than the receive.
+    """
+    if sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+        return True
+    return bool(_zmq_poll([(sock, _POLLIN)], timeout_ms))
+
+
+def has_message(sock: zmq.Socket[Any]) -> bool:
+    """Whether a message is waiting on a sync socket right now (no exception when not, unlike a NOBLOCK recv)."""
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)  # type: ignore[operator]
+
+
 def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
     """Receive one multipart message on a sync socket, reading the more-flag from each frame."""
     frame = sock.recv(flags, copy=False)

@@ -148,6 +148,10 @@ def _check_header(header: bytes, frames: Sequence[bytes]) -> tuple[tuple[Any, ..
         h = _unpack_header(header)
     except Exception as exc:  # msgpack raises several unrelated types for hostile input
         raise DecodeError(f"header is not valid msgpack: {exc}", frames) from None
+    return _validate(h, frames)
+
+
+def _validate(h: Any, frames: Sequence[bytes]) -> tuple[tuple[Any, ...], Any]:
     if type(h) is not list or len(h) < HEADER_FIELDS:
         raise DecodeError(f"header must be an array of at least {HEADER_FIELDS} elements", frames)
     version, kind, id_, topic, corr, reply_to, attempt, created, deadline, headers, seq, fmt = h[:HEADER_FIELDS]
@@ -188,3 +192,60 @@ def _decode(header: bytes, body: bytes, frames: Sequence[bytes]) -> Envelope:
         except Exception as exc:
             raise DecodeError(f"body is not valid msgpack: {exc}", frames) from None
     return _make_envelope(Envelope, (*fields[:3], value, *fields[4:]))
+
+
+BATCH_MARK = 127
+"""Header element 1 of a batch (where a single message has its kind); see docs/wire.md."""
+BATCH_PREFIX = bytes([0x93, VERSION, BATCH_MARK])
+"""A batch's first frame starts with these bytes: msgpack [version, 127, count]."""
+
+
+def is_batch(frames: Sequence[bytes]) -> bool:
+    """True when `frames` carry a batch of envelopes rather than one."""
+    return len(frames) == 2 and frames[0][:3] == BATCH_PREFIX
+
+
+def encode_batch(envs: Sequence[Envelope]) -> list[bytes]:
+    """`[batch header, entries]`: many point-to-point envelopes in one ZeroMQ message.
+
+    Each entry is a v1 header array with the body appended (msgpack bodies inline, raw
+    bodies as bin), so the receiver decodes the whole batch in one msgpack call.
+    """
+    entries = []
+    for env in envs:
+        fmt, body = (BODY_RAW, bytes(env.body)) if isinstance(env.body, _RAW_TYPES) else (BODY_MSGPACK, env.body)
+        entries.append([VERSION, int(env.kind), env.id, env.topic, env.correlation_id, env.reply_to, env.attempt,
+                        env.created_at, env.deadline, env.headers if type(env.headers) is dict else dict(env.headers),
+                        env.seq, fmt, body])
+    try:
+        payload = msgpack.packb(entries)
+    except (TypeError, ValueError, OverflowError):
+        for env in envs:  # name the culprit
+            encode(env)
+        raise
+    return [msgpack.packb([VERSION, BATCH_MARK, len(entries)]), payload]
+
+
+def decode_batch(frames: Sequence[bytes]) -> list[Envelope]:
+    """The envelopes of a batch; DecodeError (nothing delivered) if any part of it is invalid."""
+    if not is_batch(frames):
+        raise DecodeError("not a batch", frames)
+    try:
+        head = _unpack_header(frames[0])
+        entries = _unpack_body(frames[1])
+    except Exception as exc:
+        raise DecodeError(f"batch is not valid msgpack: {exc}", frames) from None
+    if type(head) is not list or len(head) != 3 or type(entries) is not list or head[2] != len(entries):
+        raise DecodeError("batch header does not match its entries", frames)
+    out = []
+    for entry in entries:
+        if type(entry) is not list or len(entry) != HEADER_FIELDS + 1:
+            raise DecodeError(f"batch entry must be an array of {HEADER_FIELDS + 1} elements", frames)
+        fields, fmt = _validate(entry[:HEADER_FIELDS], frames)
+        if any(type(k) is not str for k in fields[9]):
+            raise DecodeError("header keys must be strings", frames)
+        body = entry[HEADER_FIELDS]
+        if fmt == BODY_RAW and type(body) is not bytes:
+            raise DecodeError("raw body must be bytes", frames)
+        out.append(_make_envelope(Envelope, (*fields[:3], body, *fields[4:])))
+    return out

@@ -34,7 +34,11 @@ def results_table(rows: list[Row], title: str) -> Table:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
         target = "" if r.target is None else (f">= {r.target:g}x" if r.higher_is_better else f"<= {r.target:g}x")
         verdict = {True: "[green]met[/green]", False: "[red]missed[/red]", None: ""}[r.met]
-        table.add_row(r.figure, _fmt(r.raw, r.unit), _fmt(r.zf, r.unit) or r.note, ratio, target, verdict)
+        raw, zf = _fmt(r.raw, r.unit), _fmt(r.zf, r.unit) or r.note
+        if "MB/s raw" in r.extra:
+            raw += f"\n{r.extra['MB/s raw']:,.0f} MB/s"
+            zf += f"\n{r.extra['MB/s zf']:,.0f} MB/s"
+        table.add_row(r.figure, raw, zf, ratio, target, verdict)
     return table
 
 

@@ -19,11 +19,16 @@ import zmq
 from .. import codec
 from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
-from .._socket import AnyContext, PeerWatch, SocketOwner, send_frames
+from .._socket import ZERO_COPY_MIN, AnyContext, PeerWatch, SocketOwner, send_frames
 from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource, Kind
 from ..errors import ReadyTimeout, SendTimeout
 from ..options import UNSET, SocketOptions, Unset
+
+BATCH_COUNT = 1000
+"""Envelopes per batch message at most."""
+BATCH_BYTES = 1 << 20
+"""Body bytes per batch message, roughly, at most."""
 
 
 @dataclass
@@ -64,6 +69,33 @@ class _ProducerBase(SocketOwner):
             None if ttl is None else now + ttl, headers if headers is not None else {}, None,
         )
 
+    def _batches(self, bodies: Iterable[Any], headers: Mapping[str, Any] | None,
+                 ttl: float | None) -> list[tuple[list[Envelope], list[Any]]]:
+        """(envelopes, frames) per ZeroMQ message: up to BATCH_COUNT small envelopes or BATCH_BYTES of
+        bodies together; a body of ZERO_COPY_MIN bytes or more goes alone, without a copy."""
+        out: list[tuple[list[Envelope], list[Any]]] = []
+        group: list[Envelope] = []
+        size = 0
+
+        def close() -> None:
+            nonlocal group, size
+            if group:
+                out.append((group, codec.encode(group[0]) if len(group) == 1 else codec.encode_batch(group)))
+            group, size = [], 0
+
+        for body in bodies:
+            env = self._envelope(body, headers, ttl)
+            if isinstance(body, (bytes, bytearray, memoryview)) and len(body) >= ZERO_COPY_MIN:
+                close()
+                out.append(([env], codec.encode(env)))
+                continue
+            group.append(env)
+            size += len(body) if isinstance(body, (bytes, str)) else 64
+            if len(group) >= BATCH_COUNT or size >= BATCH_BYTES:
+                close()
+        close()
+        return out
+
     def _timeout(self, timeout: float | None | Unset) -> float | None:
         return self.send_timeout if timeout is UNSET else timeout
 
@@ -85,21 +117,42 @@ class Producer(_ProducerBase):
     def send_envelope(self, env: Envelope, *, timeout: float | None | Unset = UNSET) -> None:
         """Send a ready-made envelope (e.g. one being redelivered) as it is."""
         self._check_open()
-        frames = codec.encode(env)
-        timeout = self._timeout(timeout)
+        self._send(codec.encode(env), self._timeout(timeout))
+        self.stats.sent += 1
+
+    def _send(self, frames: list[Any], timeout: float | None) -> None:
         sock = self._sock
         if timeout is None:
             send_frames(sock, frames)
-        else:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    send_frames(sock, frames, zmq.NOBLOCK)
-                    break
-                except zmq.Again:
-                    if not sock.poll(_remaining_ms(deadline), zmq.POLLOUT):
-                        raise self._timed_out(timeout) from None
-        self.stats.sent += 1
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                send_frames(sock, frames, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if not sock.poll(_remaining_ms(deadline), zmq.POLLOUT):
+                    raise self._timed_out(timeout) from None
+
+    def send_batch(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
+                   timeout: float | None | Unset = UNSET) -> list[Envelope]:
+        """Send many messages in few ZeroMQ messages (up to 1,000 or 1 MiB each): several times the
+        throughput of one send per message. Each batch goes to one consumer, whole.
+
+        The timeout applies to each batch; on SendTimeout, its `sent` lists what went out before.
+        """
+        self._check_open()
+        limit = self._timeout(timeout)
+        sent: list[Envelope] = []
+        for envs, frames in self._batches(bodies, headers, ttl):
+            try:
+                self._send(frames, limit)
+            except SendTimeout as exc:
+                exc.sent = sent
+                raise
+            sent += envs
+            self.stats.sent += len(envs)
+        return sent
 
     def send_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
                   timeout: float | None | Unset = UNSET) -> list[Envelope]:
@@ -152,6 +205,26 @@ class AsyncProducer(_ProducerBase):
                 raise self._timed_out(timeout) from None
         self.stats.sent += 1
 
+    async def send_batch(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
+                         ttl: float | None = None, timeout: float | None | Unset = UNSET) -> list[Envelope]:
+        """Send many messages in few ZeroMQ messages (see Producer.send_batch)."""
+        self._check_open()
+        limit = self._timeout(timeout)
+        sent: list[Envelope] = []
+        for envs, frames in self._batches(bodies, headers, ttl):
+            try:
+                if limit is None:
+                    await self._sock.send_multipart(frames, copy=False)
+                else:
+                    await asyncio.wait_for(self._sock.send_multipart(frames, copy=False), limit)
+            except TimeoutError:
+                exc = self._timed_out(limit or 0.0)
+                exc.sent = sent
+                raise exc from None
+            sent += envs
+            self.stats.sent += len(envs)
+        return sent
+
     async def send_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
                         timeout: float | None | Unset = UNSET) -> list[Envelope]:
         """Send each body in turn; returns the envelopes sent (on SendTimeout, in its `sent`)."""
@@ -175,6 +248,7 @@ class AsyncProducer(_ProducerBase):
 
 class _ConsumerBase(Inbox):
     _socket_type = zmq.PULL
+    _batches = True
 
     def __init__(
         self,

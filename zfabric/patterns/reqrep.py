@@ -28,7 +28,15 @@ from .. import codec
 from .._counters import Counters
 from .._logs import Throttled
 from .._receive import decode_counted
-from .._socket import AnyContext, SocketOwner, open_socket, recv_frames, send_frames
+from .._socket import (
+    AnyContext,
+    SocketOwner,
+    has_message,
+    open_socket,
+    readable,
+    recv_frames,
+    send_frames,
+)
 from ..endpoint import Endpoint, EndpointArg, parse_many
 from ..envelope import Envelope, IdSource, Kind
 from ..errors import ClosedError, EncodeError, FabricError
@@ -54,6 +62,11 @@ def error_body(exc: BaseException) -> dict[str, str]:
 
 
 # ---- replier ---------------------------------------------------------------------------
+
+
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
 
 
 @dataclass
@@ -169,14 +182,10 @@ class Replier(_ReplierBase):
         sock = self._sock
         handled = 0
         while not self._stop.is_set() and (max_requests is None or handled < max_requests):
-            if not sock.poll(100, zmq.POLLIN):
+            if not readable(sock, 100):
                 continue
-            while max_requests is None or handled < max_requests:
-                try:
-                    frames = recv_frames(sock, zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self.handle_one(frames)
+            while (max_requests is None or handled < max_requests) and has_message(sock):
+                self.handle_one(recv_frames(sock, _NOBLOCK))
                 handled += 1
 
     def start(self) -> Replier:
@@ -392,20 +401,15 @@ class Requester(_RequesterBase):
         left = len(order)
         while left:
             outbox = self._flush(outbox)
-            poller = zmq.Poller()
-            for sock in self._sockets.values():
-                poller.register(sock, zmq.POLLIN)
-            if outbox:
-                poller.register(self._sockets[self.flow.generation], zmq.POLLIN | zmq.POLLOUT)
             due = self.flow.next_due()
             wait = 100 if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
-            for sock, _ in poller.poll(wait):
-                while True:
-                    try:
-                        frames = recv_frames(sock, zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    done = self._decode_reply(frames)
+            current = self._sockets[self.flow.generation]
+            items = [(s, _POLLIN | (_POLLOUT if outbox and s is current else 0)) for s in self._sockets.values()]
+            if len(items) > 1 or outbox or not has_message(current):
+                zmq.zmq_poll(items, wait)
+            for sock in self._sockets.values():
+                while has_message(sock):
+                    done = self._decode_reply(recv_frames(sock, _NOBLOCK))
                     if done is not None and done[0] in order:
                         results[order[done[0]]] = done[1]
                         left -= 1
