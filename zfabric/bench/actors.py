@@ -346,5 +346,11 @@ def rel_producer(endpoint: str, count: int, size: int) -> None:
 ROLES = {f.__name__.replace("_", "-"): f for f in (queue_pull, queue_push, echo_server, rr_client, sg_client, ps_sub, ps_pub,
                                                     rel_worker, rel_producer)}
 
+MAX_LIFETIME = 900
+"""Seconds after which an actor ends itself, whatever it waits for: a benchmark never leaves a process behind."""
+
 if __name__ == "__main__":
+    import signal
+
+    signal.alarm(MAX_LIFETIME)
     ROLES[sys.argv[1]](**json.loads(sys.argv[2]))

@@ -118,11 +118,14 @@ class Procs:
         t.start()
         t.join(timeout)
         if not found:
+            code = proc.poll()
             proc.kill()
             err = proc.stderr.read() if proc.stderr else ""
+            if code is not None:
+                err = f"(it exited with code {code})\n{err}"
             role = proc.args[3] if isinstance(proc.args, list) and len(proc.args) > 3 else proc.args
-            raise FabricError(f"benchmark process {role!s} gave no "
-                              f"{key!r} within {timeout:g} s:\n{err[-2000:]}")
+            raise FabricError(f"benchmark process {role!s} gave no {key!r} "
+                              f"({'it ended' if code is not None else f'within {timeout:g} s'}): {err[-2000:]}")
         return found[0]
 
     def close(self) -> None:
