@@ -33,7 +33,6 @@ from .._socket import (
     SocketOwner,
     has_message,
     open_socket,
-    readable,
     recv_frames,
     send_frames,
 )
