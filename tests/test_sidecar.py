@@ -306,7 +306,7 @@ def test_config_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text, message", [
     ("store: a.db\nqueues: {orders: {max_attemps: 3}}\n", "queues.orders.max_attemps: unknown key; did you mean 'max_attempts'?"),
     ("store: a.db\nqueues: {orders: {max_attempts: five}}\n", "max_attempts: expected a positive integer, got 'five'"),
-    ("store: a.db\nlease_timout: 3\nqueues: [orders]\n", "unknown key 'lease_timout'; did you mean 'lease_timeout'?"),
+    ("store: a.db\nlease_timout: 3\nqueues: [orders]\n", "lease_timout: unknown key; did you mean 'lease_timeout'?"),
     ("store: a.db\nqueues: []\n", "declare at least one queue"),
     ("queues: [orders]\n", "missing key 'store'"),
     ("a: &x [1]\nb: *x\n", "aliases are not allowed"),

@@ -63,6 +63,17 @@ class SocketOptions:
 DEFAULT_OPTIONS = SocketOptions()
 
 
+def check_keys(data: Any, known: list[str], path: str = "") -> None:
+    """ConfigError for the first key of a config mapping that is not in `known`, with a "did you mean"."""
+    import difflib
+
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            raise ConfigError(f"{path + '.' if path else ''}{key}: unknown key; {hint}")
+
+
 class Unset(enum.Enum):
     """Marks an argument the caller did not give, where None has a meaning of its own."""
 

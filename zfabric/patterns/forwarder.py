@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +26,7 @@ import zmq
 from .. import codec
 from .._counters import CounterSet
 from .._logs import Throttled
+from .._process import ChildProcess
 from .._socket import AnyContext, context_for, open_socket, recv_frames, send_frames
 from ..endpoint import Endpoint
 from ..errors import FabricError
@@ -216,73 +214,18 @@ class Forwarder:
         self.stop()
 
 
-class ForwarderProcess:
-    """Launcher: runs `zfabric forwarder` as a child process and learns its addresses.
-
-    Pass port 0 to let the OS pick free ports; the child prints its real addresses on a
-    ready line, read here, so nothing collides when many run at once.
-    """
+class ForwarderProcess(ChildProcess):
+    """Launcher: runs `zfabric forwarder` as a child process and learns its addresses."""
 
     READY = re.compile(r"^zfabric forwarder ready xsub=(\S+) xpub=(\S+)")
+    what = "forwarder process"
 
     def __init__(self, xsub: str = "tcp://127.0.0.1:0", xpub: str = "tcp://127.0.0.1:0",
                  *, extra_args: Sequence[str] = (), ready_timeout: float = 15.0) -> None:
-        self.args = [sys.executable, "-m", "zfabric", "forwarder", "--xsub", xsub, "--xpub", xpub,
-                     "--no-live", *extra_args]
-        self.ready_timeout = ready_timeout
-        self.proc: subprocess.Popen[str] | None = None
+        super().__init__(["forwarder", "--xsub", xsub, "--xpub", xpub, "--no-live", *extra_args],
+                         ready_timeout=ready_timeout)
         self.xsub_endpoint = ""
         self.xpub_endpoint = ""
-        self.output: list[str] = []
-        self._ready = threading.Event()
 
-    def start(self) -> ForwarderProcess:
-        """Start the child and wait for its ready line; raises FabricError with its output if it fails."""
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     stdin=subprocess.DEVNULL)
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
-        if not self._ready.wait(self.ready_timeout) or not self.xsub_endpoint:
-            self.kill()
-            raise FabricError("forwarder process did not become ready:\n" + "".join(self.output[-20:]))
-        return self
-
-    def _pump(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            self.output.append(line)
-            if len(self.output) > 1000:
-                del self.output[:500]
-            match = self.READY.match(line)
-            if match:
-                self.xsub_endpoint, self.xpub_endpoint = match.groups()
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def pid(self) -> int:
-        """The child's process id."""
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self, timeout: float = 5.0) -> int | None:
-        """SIGTERM, wait up to `timeout`, then SIGKILL; returns the exit code."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL the child (a crash, as far as everyone else can tell) and reap it."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def __enter__(self) -> ForwarderProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _on_ready(self, match: re.Match[str]) -> None:
+        self.xsub_endpoint, self.xpub_endpoint = match.groups()

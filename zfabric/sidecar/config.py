@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..options import check_keys
 from .policy import DEFAULT_POLICY, RetryPolicy
 from .store import SYNCHRONOUS
 
@@ -86,12 +86,10 @@ class SidecarConfig:
         """A config from plain values (a parsed file); unknown keys get a "did you mean"."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
-                raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        try:
+            check_keys(data, [f.name for f in dataclasses.fields(cls)])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         if "store" not in data:
             raise ConfigError(f"{where}: missing key 'store' (the SQLite file)")
         try:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..options import check_keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +62,7 @@ class RetryPolicy:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str = "policy") -> RetryPolicy:
         """A policy from a config mapping; unknown keys are an error that names them and suggests the right one."""
-        import difflib
-
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
-                raise ConfigError(f"{where}.{key}: unknown key{hint}")
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], where)
         try:
             return cls(**dict(data))
         except ConfigError as exc:

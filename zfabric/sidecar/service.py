@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +19,7 @@ import zmq
 
 from .. import codec
 from .._logs import Throttled
+from .._process import ChildProcess
 from .._socket import open_socket, recv_frames, send_frames, warn_exposed
 from ..endpoint import Endpoint
 from ..envelope import Envelope
@@ -30,7 +28,6 @@ from ..options import DEFAULT_OPTIONS, SocketOptions
 from . import protocol as p
 from .config import DEFAULT_SIDECAR_ENDPOINT, SidecarConfig
 from .ledger import Lease, Ledger
-from .policy import RetryPolicy
 from .store import DeadLetterFilter, Entry, Store, StoreLock
 
 log = logging.getLogger("zfabric.sidecar")
@@ -491,75 +488,22 @@ def _text(value: Any, limit: int) -> str | None:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
-class SidecarProcess:
-    """Launcher: runs `zfabric sidecar` as a child process and learns its bound endpoint from its ready line."""
+class SidecarProcess(ChildProcess):
+    """Launcher: runs `zfabric sidecar` as a child process and learns its bound endpoint from its ready line.
+
+    `extra_args` take any `zfabric sidecar` option (`--max-attempts 3`, `--synchronous normal`, ...).
+    """
 
     READY = re.compile(r"^zfabric sidecar ready endpoint=(\S+)")
+    what = "sidecar process"
 
-    def __init__(self, store: str, queues: Sequence[str] | Mapping[str, RetryPolicy], *,
-                 endpoint: str = "tcp://127.0.0.1:0", extra_args: Sequence[str] = (), ready_timeout: float = 15.0) -> None:
-        args = [sys.executable, "-m", "zfabric", "sidecar", "--store", str(store), "--endpoint", endpoint, "--no-live"]
+    def __init__(self, store: str, queues: Sequence[str], *, endpoint: str = "tcp://127.0.0.1:0",
+                 extra_args: Sequence[str] = (), ready_timeout: float = 15.0) -> None:
+        args = ["sidecar", "--store", str(store), "--endpoint", endpoint, "--no-live"]
         for name in queues:
             args += ["--queue", name]
-        if isinstance(queues, Mapping):
-            first = next(iter(queues.values()), None)
-            if isinstance(first, RetryPolicy):
-                args += ["--max-attempts", str(first.max_attempts), "--backoff-base", str(first.backoff_base),
-                         "--backoff-cap", str(first.backoff_cap)]
-        self.args = [*args, *extra_args]
-        self.ready_timeout = ready_timeout
-        self.proc: subprocess.Popen[str] | None = None
+        super().__init__([*args, *extra_args], ready_timeout=ready_timeout)
         self.endpoint = endpoint
-        self.output: list[str] = []
-        self._ready = threading.Event()
 
-    def start(self) -> SidecarProcess:
-        """Start the child and wait for its ready line; raises FabricError with its output if it fails."""
-        self._ready.clear()
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     stdin=subprocess.DEVNULL)
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
-        if not self._ready.wait(self.ready_timeout) or self.proc.poll() is not None:
-            self.kill()
-            raise FabricError("sidecar process did not become ready:\n" + "".join(self.output[-20:]))
-        return self
-
-    def _pump(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            self.output.append(line)
-            if len(self.output) > 1000:
-                del self.output[:500]
-            match = self.READY.match(line)
-            if match:
-                self.endpoint = match.group(1)
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self, timeout: float = 5.0) -> int | None:
-        """SIGTERM, wait up to `timeout`, then SIGKILL; returns the exit code."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL the child (a crash, as far as everyone else can tell) and reap it."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def __enter__(self) -> SidecarProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _on_ready(self, match: re.Match[str]) -> None:
+        self.endpoint = match.group(1)
