@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import time
 from typing import Annotated
 
 import typer
@@ -14,7 +13,7 @@ from rich.table import Table
 
 from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB, SocketOptions
 from ..patterns.forwarder import Forwarder
-from ._common import fabric_errors
+from ._common import RateView, fabric_errors
 
 
 class CountersView:
@@ -25,20 +24,19 @@ class CountersView:
 
     def __init__(self, fwd: Forwarder) -> None:
         self.fwd = fwd
-        self._last = fwd.stats.snapshot()
-        self._at = time.monotonic()
+        self._rates = RateView()
+        self._rates.rates(fwd.stats.snapshot())
 
     def table(self) -> Table:
-        now, current = time.monotonic(), self.fwd.stats.snapshot()
-        span = max(now - self._at, 1e-6)
+        current = self.fwd.stats.snapshot()
+        rates = self._rates.rates(current)
         table = Table(title=f"forwarder  xsub={self.fwd.xsub_endpoint}  xpub={self.fwd.xpub_endpoint}")
         table.add_column("counter")
         table.add_column("total", justify="right")
         table.add_column("per second", justify="right")
         for name, value in current.items():
-            rate = "" if name in self.GAUGES else f"{(value - self._last[name]) / span:,.0f}"
+            rate = "" if name in self.GAUGES else f"{rates[name]:,.0f}"
             table.add_row(name.replace("_", " "), f"{value:,}", rate)
-        self._last, self._at = current, now
         return table
 
 

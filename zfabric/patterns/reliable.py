@@ -21,7 +21,14 @@ from .. import codec
 from .._counters import Counters
 from .._logs import Throttled
 from .._receive import log
-from .._socket import AnyContext, SocketOwner, recv_frames, send_frames
+from .._socket import (
+    AnyContext,
+    SocketOwner,
+    has_message,
+    readable,
+    recv_frames,
+    send_frames,
+)
 from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource, Kind
 from ..errors import ConfigError, DecodeError, Rejected, Unconfirmed
@@ -196,9 +203,19 @@ class _ReliableBase(SocketOwner):
         self.stats.rejected += len(refused)
         return done, refused
 
-    def _count_batch(self, first: int, again: int) -> None:
-        self.stats.sent += first
-        self.stats.resent += again
+    def _flush_to(self, sock: zmq.Socket[Any]) -> None:
+        """Send every message waiting to go out (first sends and due resends), in PUT batches."""
+        now = time.monotonic()
+        while self._flow.unsent:
+            frames, first, again = self._flow.batch(now, self.batch_size)
+            if not frames:
+                break
+            try:
+                send_frames(sock, frames, zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # no sidecar connected: these go again after resend_after
+            self.stats.sent += first
+            self.stats.resent += again
 
     def _outcome(self, envs: list[Envelope], confirmed: list[Envelope], rejected: list[tuple[Envelope, str]],
                  overdue: list[Envelope], timeout: float) -> list[Envelope]:
@@ -258,23 +275,10 @@ class ReliableProducer(_ReliableBase):
                 flow.add(env, self._check_queue(env), limit)
             if not flow.pending:
                 break
-            now = time.monotonic()
-            while flow.unsent:
-                frames, first, again = flow.batch(now, self.batch_size)
-                if not frames:
-                    break
-                try:
-                    send_frames(sock, frames, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # no sidecar connected: these go again after resend_after
-                self._count_batch(first, again)
-            if sock.poll(int(flow.wait(now) * 1000) + 1, zmq.POLLIN):
-                while True:
-                    try:
-                        reply = recv_frames(sock, zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    done, refused = self._replies(reply)
+            self._flush_to(sock)
+            if readable(sock, int(flow.wait(time.monotonic()) * 1000) + 1):
+                while has_message(sock):
+                    done, refused = self._replies(recv_frames(sock, zmq.NOBLOCK))
                     confirmed += done
                     rejected += refused
                     if on_confirm is not None:
@@ -331,8 +335,8 @@ class AsyncReliableProducer(_ReliableBase):
             self._flow.add(env, self._check_queue(env), limit)
             futures.append(fut)
             if len(self._flow.unsent) >= self.batch_size:
-                self._flush()
-        self._flush()
+                self._flush_to(self._sync_sock)
+        self._flush_to(self._sync_sock)
         results = await asyncio.gather(*futures, return_exceptions=True)
         confirmed = [r for r in results if isinstance(r, Envelope)]
         rejected = [(e, str(r.reason)) for e, r in zip(envs, results) if isinstance(r, Rejected)]
@@ -350,17 +354,6 @@ class AsyncReliableProducer(_ReliableBase):
                 on_confirm(fut.result())
         return done
 
-    def _flush(self) -> None:
-        now = time.monotonic()
-        while self._flow.unsent:
-            frames, first, again = self._flow.batch(now, self.batch_size)
-            if not frames:
-                break
-            try:
-                send_frames(self._sync_sock, frames, zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # no sidecar connected: these go again after resend_after
-            self._count_batch(first, again)
 
     @property
     def _sync_sock(self) -> zmq.Socket[Any]:
@@ -374,12 +367,8 @@ class AsyncReliableProducer(_ReliableBase):
         flow, sock = self._flow, self._sock
         while not self._closed:
             if await sock.poll(int(flow.wait(time.monotonic()) * 1000) + 1, zmq.POLLIN):
-                while True:
-                    try:
-                        reply = recv_frames(self._sync_sock, zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    done, refused = self._replies(reply)
+                while has_message(self._sync_sock):
+                    done, refused = self._replies(recv_frames(self._sync_sock, zmq.NOBLOCK))
                     for env in done:
                         fut = self._waiters.pop(env.id, None)
                         if fut is not None and not fut.done():
@@ -392,7 +381,7 @@ class AsyncReliableProducer(_ReliableBase):
                 fut = self._waiters.pop(env.id, None)
                 if fut is not None and not fut.done():
                     fut.set_exception(Unconfirmed("not confirmed in time", unconfirmed=[env]))
-            self._flush()
+            self._flush_to(self._sync_sock)
 
     def _close_sockets(self, linger_ms: int) -> None:
         if self._pump_task is not None:

@@ -23,7 +23,15 @@ import zmq
 
 from .._counters import Counters
 from .._receive import decode_counted
-from .._socket import AnyContext, SocketOwner, open_socket, recv_frames, send_frames
+from .._socket import (
+    AnyContext,
+    SocketOwner,
+    has_message,
+    open_socket,
+    readable,
+    recv_frames,
+    send_frames,
+)
 from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope
 from ..errors import ConfigError, DecodeError, DoNotRetry, RetryAfter
@@ -33,6 +41,7 @@ from ..sidecar import protocol as p
 Handler = Callable[[Envelope], Any]
 ACK_BATCH = 64
 """Acknowledgements sent together at most; fewer when no more messages are waiting."""
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 @dataclass
@@ -140,6 +149,28 @@ class _WorkerBase(SocketOwner):
             "retry_after": retry_after, "retryable": retryable,
         })]
 
+    def _done(self, handled: int, max_messages: int | None) -> bool:
+        """True once stop() was called or `max_messages` are handled (the rest go back with BYE)."""
+        return self._stop.is_set() or (max_messages is not None and handled >= max_messages)
+
+    def _announce_again(self) -> list[bytes] | None:
+        """RDY frames when the sidecar asked who we are (it restarted, or our lease expired)."""
+        if not self._reannounce.is_set():
+            return None
+        self._reannounce.clear()
+        self.stats.reannounced += 1
+        return self._ready_frames()
+
+    def _settle(self, env: Envelope, error: BaseException | None) -> list[list[bytes]]:
+        """What to send now for one handled message: its NAK, and a full batch of acks."""
+        out = []
+        nack = self._outcome(env, error)
+        if nack is not None:
+            out.append(nack)
+        if len(self._acks) >= ACK_BATCH:
+            out.append(self._take_acks())  # type: ignore[arg-type]
+        return out
+
     def _leave(self, send: Callable[[list[bytes]], Any]) -> None:
         """Settle what was handled, then tell the sidecar to give the rest to other workers now."""
         try:
@@ -174,34 +205,24 @@ class Worker(_WorkerBase):
         handled = 0
         try:
             send_frames(sock, self._ready_frames())
-            while not self._stop.is_set() and (max_messages is None or handled < max_messages):
-                if self._reannounce.is_set():
-                    self._reannounce.clear()
-                    self.stats.reannounced += 1
-                    send_frames(sock, self._ready_frames())
-                if not sock.poll(100, zmq.POLLIN):
+            while not self._done(handled, max_messages):
+                hello = self._announce_again()
+                if hello is not None:
+                    send_frames(sock, hello)
+                if not readable(sock, 100):
                     continue
-                while max_messages is None or handled < max_messages:
-                    try:
-                        frames = recv_frames(sock, zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    for env in self._incoming(frames):
-                        if self._stop.is_set() or (max_messages is not None and handled >= max_messages):
-                            break  # the rest go back to the sidecar with BYE
+                while not self._done(handled, max_messages) and has_message(sock):
+                    for env in self._incoming(recv_frames(sock, _NOBLOCK)):
+                        if self._done(handled, max_messages):
+                            break
                         handled += 1
                         error: BaseException | None = None
                         try:
                             self.handler(env)
                         except Exception as exc:
                             error = exc
-                        nack = self._outcome(env, error)
-                        if nack is not None:
-                            send_frames(sock, nack)
-                        if len(self._acks) >= ACK_BATCH:
-                            send_frames(sock, self._take_acks())  # type: ignore[arg-type]
-                    if self._stop.is_set():
-                        break
+                        for frames in self._settle(env, error):
+                            send_frames(sock, frames)
                 acks = self._take_acks()
                 if acks is not None:
                     send_frames(sock, acks)
@@ -273,29 +294,23 @@ class AsyncWorker(_WorkerBase):
         handled = 0
         try:
             await sock.send_multipart(self._ready_frames())
-            while not self._stop.is_set() and (max_messages is None or handled < max_messages):
-                if self._reannounce.is_set():
-                    self._reannounce.clear()
-                    self.stats.reannounced += 1
-                    await sock.send_multipart(self._ready_frames())
+            while not self._done(handled, max_messages):
+                hello = self._announce_again()
+                if hello is not None:
+                    await sock.send_multipart(hello)
                 if not await sock.poll(100, zmq.POLLIN):
                     continue
-                while max_messages is None or handled < max_messages:
+                while not self._done(handled, max_messages):
                     try:
-                        frames = await sock.recv_multipart(zmq.NOBLOCK)
+                        incoming = self._incoming(await sock.recv_multipart(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-                    for env in self._incoming(frames):
-                        if self._stop.is_set() or (max_messages is not None and handled >= max_messages):
-                            break  # the rest go back to the sidecar with BYE
+                    for env in incoming:
+                        if self._done(handled, max_messages):
+                            break
                         handled += 1
-                        nack = self._outcome(env, await self._handle(env))
-                        if nack is not None:
-                            await sock.send_multipart(nack)
-                        if len(self._acks) >= ACK_BATCH:
-                            await sock.send_multipart(self._take_acks())  # type: ignore[arg-type]
-                    if self._stop.is_set():
-                        break
+                        for frames in self._settle(env, await self._handle(env)):
+                            await sock.send_multipart(frames)
                 acks = self._take_acks()
                 if acks is not None:
                     await sock.send_multipart(acks)

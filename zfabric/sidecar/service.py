@@ -20,7 +20,14 @@ import zmq
 from .. import codec
 from .._logs import Throttled
 from .._process import ChildProcess
-from .._socket import open_socket, recv_frames, send_frames, warn_exposed
+from .._socket import (
+    has_message,
+    open_socket,
+    readable,
+    recv_frames,
+    send_frames,
+    warn_exposed,
+)
 from ..endpoint import Endpoint
 from ..envelope import Envelope
 from ..errors import ConfigError, DecodeError, FabricError
@@ -186,13 +193,10 @@ class Sidecar:
 
     def _read(self, sock: zmq.Socket) -> list[list[bytes]]:
         batch: list[list[bytes]] = []
-        if not sock.poll(self._wait_ms(), zmq.POLLIN):
+        if not readable(sock, self._wait_ms()):
             return batch
-        while len(batch) < DRAIN_LIMIT:
-            try:
-                batch.append(recv_frames(sock, _NOBLOCK))
-            except zmq.Again:
-                break
+        while len(batch) < DRAIN_LIMIT and has_message(sock):
+            batch.append(recv_frames(sock, _NOBLOCK))
         return batch
 
     def _pass(self, store: Store, sock: zmq.Socket, batch: list[list[bytes]], *, purge: bool = False) -> None:
