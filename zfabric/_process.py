@@ -13,6 +13,15 @@ from typing import Any, ClassVar
 from .errors import FabricError
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent exits (elsewhere: nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class ChildProcess:
     """Runs `python -m zfabric ARGS` as a child and waits for its ready line, which tells its real addresses.
 
@@ -23,9 +32,12 @@ class ChildProcess:
     READY: ClassVar[re.Pattern[str]]
     what: ClassVar[str] = "zfabric process"
 
-    def __init__(self, args: Sequence[str], *, ready_timeout: float = 15.0) -> None:
+    def __init__(self, args: Sequence[str], *, ready_timeout: float = 15.0, detached: bool = False) -> None:
         self.args = [sys.executable, "-m", "zfabric", *args]
         self.ready_timeout = ready_timeout
+        self.detached = detached
+        """Run in its own session (a terminal's Ctrl-C reaches only the parent, which stops children in order);
+        on Linux it is also sent SIGTERM if the parent dies, so a killed supervisor leaves no orphans."""
         self.proc: subprocess.Popen[str] | None = None
         self.output: list[str] = []
         self._ready = threading.Event()
@@ -34,12 +46,16 @@ class ChildProcess:
     def _on_ready(self, match: re.Match[str]) -> None:
         """Take the addresses from the ready line."""
 
+    def _on_line(self, line: str) -> None:
+        """Every other line the child prints (counters, warnings); subclasses may read them."""
+
     def start(self) -> Any:
         """Start the child and wait for its ready line; raises FabricError with its output if it fails."""
         self._ready.clear()
         self._matched = False
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, start_new_session=self.detached,
+                                     preexec_fn=_die_with_parent if self.detached else None)
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
         if not self._ready.wait(self.ready_timeout) or not self._matched:
             self.kill()
@@ -57,6 +73,8 @@ class ChildProcess:
                 self._on_ready(match)
                 self._matched = True
                 self._ready.set()
+            else:
+                self._on_line(line)
         self._ready.set()
 
     @property

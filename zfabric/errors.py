@@ -2,6 +2,7 @@
 
     FabricError
     ├── ConfigError           bad endpoint, option or argument (names what and where)
+    │   └── TopologyError     a topology with problems (lists every one, each with key path and line)
     ├── CodecError
     │   ├── DecodeError       frames that are not a zfabric envelope (carries the raw frames)
     │   └── EncodeError       a body msgpack cannot represent
@@ -35,6 +36,18 @@ class FabricError(Exception):
 
 class ConfigError(FabricError, ValueError):
     """An endpoint, option or argument is invalid; the message names it."""
+
+
+class TopologyError(ConfigError):
+    """A topology that cannot be used; `problems` lists every one found, each naming its key path and line."""
+
+    def __init__(self, problems: Sequence[str], source: str = "topology") -> None:
+        self.problems = list(problems)
+        self.source = source
+        n = len(self.problems)
+        head = f"{source}: {n} problem{'s' if n != 1 else ''}"
+        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems) if n > 1
+                         else f"{self.problems[0]}" if n else head)
 
 
 class CodecError(FabricError):

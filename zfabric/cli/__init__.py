@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import bench, dlq, forwarder, pubsub, queue, reqrep, scatter, sidecar
+from . import bench, dlq, forwarder, pubsub, queue, reqrep, scatter, sidecar, topology
 
 app = typer.Typer(
     name="zfabric",
@@ -59,6 +59,10 @@ app.command()(reqrep.request)
 app.command()(reqrep.echo)
 app.command()(scatter.scatter)
 app.command()(bench.bench)
+app.command()(topology.validate)
+app.command()(topology.up)
+app.command()(topology.status)
+app.command()(topology.graph)
 app.add_typer(sidecar.app, name="sidecar")
 app.add_typer(dlq.app, name="dlq")
 

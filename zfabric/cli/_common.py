@@ -103,3 +103,17 @@ class RateView:
         out = {k: (v - self._last.get(k, v)) / span for k, v in current.items()}
         self._last, self._at = dict(current), now
         return out
+
+
+def topology_part(path: Any, kind: str, name: str | None) -> tuple[Any, str]:
+    """The Fabric of a topology file and the name of its `kind` part to run (the only one when `name` is None)."""
+    from ..errors import ConfigError
+    from ..topology.fabric import Fabric
+
+    fabric = Fabric.from_topology(path)
+    table = getattr(fabric.topology, kind + "s")
+    if name is None:
+        if len(table) != 1:
+            raise ConfigError(f"{path} declares {len(table)} {kind}s ({', '.join(table) or 'none'}); choose one with --name")
+        name = next(iter(table))
+    return fabric, name

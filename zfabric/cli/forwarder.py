@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,9 +12,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from ..errors import ConfigError
 from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB, SocketOptions
 from ..patterns.forwarder import Forwarder
-from ._common import RateView, fabric_errors
+from ._common import RateView, fabric_errors, topology_part
 
 
 class CountersView:
@@ -51,15 +53,25 @@ def forwarder(
     xpub: Annotated[str, typer.Option(envvar="ZFABRIC_XPUB", help="Bind address subscribers connect to (port 0: any free port).")] = DEFAULT_FORWARDER_XPUB,
     live: Annotated[bool | None, typer.Option("--live/--no-live", help="Live counters table (default: when stdout is a terminal).")] = None,
     stats_interval: Annotated[float, typer.Option(help="With --no-live, print counters every N seconds (0: only on exit and SIGUSR1).")] = 0.0,
-    hwm: Annotated[int, typer.Option(min=0, help="High-water mark per peer, both directions (messages; 0: unlimited). Past it a slow subscriber loses messages, and its gap counter shows how many.")] = 1000,
+    hwm: Annotated[int | None, typer.Option(min=0, help="High-water mark per peer, both directions (messages; 0: unlimited; default 1000). Past it a slow subscriber loses messages, and its gap counter shows how many.")] = None,
+    topology: Annotated[Path | None, typer.Option(help="Run a forwarder declared in this topology file, with its addresses and options.")] = None,
+    name: Annotated[str | None, typer.Option(help="With --topology: which forwarder (needed when it declares several).")] = None,
 ) -> None:
     """Run a pub/sub forwarder (XSUB -> XPUB) until Ctrl-C or SIGTERM.
 
     Prints a ready line with the bound addresses, counters on SIGUSR1 and on exit.
 
     Example:  zfabric forwarder --xsub tcp://127.0.0.1:5559 --xpub tcp://127.0.0.1:5560
+              zfabric forwarder --topology topologies/shop.yaml --name events
     """
-    fwd = Forwarder(xsub, xpub, options=SocketOptions(send_hwm=hwm, receive_hwm=hwm))
+    if topology is not None:
+        if (xsub, xpub) != (DEFAULT_FORWARDER_XSUB, DEFAULT_FORWARDER_XPUB) or hwm is not None:
+            raise ConfigError("--topology gives the forwarder's addresses and options; leave out --xsub, --xpub and --hwm")
+        fabric, name = topology_part(topology, "forwarder", name)
+        fwd = fabric.forwarder(name)
+    else:
+        limit = 1000 if hwm is None else hwm
+        fwd = Forwarder(xsub, xpub, options=SocketOptions(send_hwm=limit, receive_hwm=limit))
     console = Console()
     use_live = sys.stdout.isatty() if live is None else live
 

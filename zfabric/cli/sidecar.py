@@ -19,7 +19,7 @@ from ..sidecar.config import DEFAULT_SIDECAR_ENDPOINT, SidecarConfig
 from ..sidecar.ledger import GAUGES
 from ..sidecar.policy import RetryPolicy
 from ..sidecar.service import Sidecar
-from ._common import RateView, fabric_errors
+from ._common import RateView, fabric_errors, topology_part
 
 app = typer.Typer(no_args_is_help=False)
 
@@ -60,6 +60,8 @@ def sidecar(
     synchronous: Annotated[str, typer.Option(help="full: survives power loss; normal: survives process crashes only.")] = "full",
     live: Annotated[bool | None, typer.Option("--live/--no-live", help="Live counters table (default: when stdout is a terminal).")] = None,
     stats_interval: Annotated[float, typer.Option(help="With --no-live, print counters every N seconds (0: only on exit and SIGUSR1).")] = 0.0,
+    topology: Annotated[Path | None, typer.Option(help="Run a sidecar declared in this topology file, with its queues and policies.")] = None,
+    name: Annotated[str | None, typer.Option(help="With --topology: which sidecar (needed when it declares several).")] = None,
 ) -> None:
     """Run a sidecar that owns reliable queues: confirms durable writes, leases messages to workers,
     retries with backoff and keeps what keeps failing in its dead-letter queue.
@@ -68,7 +70,13 @@ def sidecar(
     """
     if ctx.invoked_subcommand is not None:
         return
-    if config is not None:
+    if topology is not None:
+        if config is not None or queue or store:
+            raise ConfigError("--topology gives the sidecar's queues, store and policies; leave out --config, --queue and --store")
+        fabric, name = topology_part(topology, "sidecar", name)
+        sc = fabric.sidecar(name)
+        cfg = sc.config
+    elif config is not None:
         cfg = SidecarConfig.from_file(config)
         if queue or store:
             raise ConfigError("give queues and store either in --config or as options, not both")
@@ -79,7 +87,8 @@ def sidecar(
         policy = RetryPolicy(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap, ttl=ttl)
         cfg = SidecarConfig(store=store, queues={q: policy for q in queue}, endpoint=endpoint,
                             lease_timeout=lease_timeout, synchronous=synchronous)
-    sc = Sidecar(config=cfg)
+    if topology is None:
+        sc = Sidecar(config=cfg)
     use_live = sys.stdout.isatty() if live is None else live
 
     def stop(signum: int, frame: object) -> None:

@@ -16,7 +16,6 @@ from .store import SYNCHRONOUS
 
 DEFAULT_SIDECAR_ENDPOINT = "tcp://127.0.0.1:5580"
 """Where a sidecar listens for producers, workers and control clients by default."""
-MAX_CONFIG_BYTES = 1 << 20
 
 
 def _policies(queues: Mapping[str, Any] | Sequence[str]) -> dict[str, RetryPolicy]:
@@ -104,23 +103,10 @@ class SidecarConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> SidecarConfig:
         """A config from a YAML file: the keys of this class; `queues` maps names to policies."""
-        import yaml
+        from .._yaml import load_file
 
         p = Path(path)
-        try:
-            size = p.stat().st_size
-        except OSError as exc:
-            raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{p}: config file of {size} bytes is larger than {MAX_CONFIG_BYTES}")
-        text = p.read_text()
-        try:
-            for event in yaml.parse(text, Loader=yaml.SafeLoader):
-                if isinstance(event, yaml.AliasEvent):
-                    raise ConfigError(f"{p}: YAML aliases are not allowed in a sidecar config")
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+        data = load_file(p, what="sidecar config").data
         store = data.get("store") if isinstance(data, dict) else None
         if isinstance(store, str) and not os.path.isabs(store):
             data["store"] = str(p.parent / store)
