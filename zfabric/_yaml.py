@@ -97,11 +97,19 @@ def load_text(text: str, source: str = "<string>", *, what: str = "config") -> D
             loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
-        raise ConfigError(f"{source}{line}: invalid YAML: {problem}") from None
+        context = exc.context or ""
+        if context and exc.context_mark is not None and mark is not None and exc.context_mark.line != mark.line:
+            context += f" started on line {exc.context_mark.line + 1},"
+        problem = " ".join(str(p) for p in (context, exc.problem) if p)
+        raise ConfigError(_at(source, mark.line + 1 if mark is not None else None, (), f"invalid YAML: {problem}")) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+
+
+def _at(source: str, line: int | None, path: Path_, message: str) -> str:
+    """`key.path: message (file:line)`, the one shape of every config error."""
+    where = f"{source}:{line}" if line is not None else source
+    return f"{dotted(path) + ': ' if path else ''}{message} ({where})"
 
 
 def _screen(text: str, source: str) -> None:
@@ -109,12 +117,12 @@ def _screen(text: str, source: str) -> None:
     depth = nodes = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
-            raise ConfigError(f"{source}:{event.start_mark.line + 1}: YAML aliases are not allowed "
-                              f"(*{event.anchor}); write the value out")
+            raise ConfigError(_at(source, event.start_mark.line + 1, (),
+                                  f"YAML aliases are not allowed (*{event.anchor}); write the value out"))
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
-                raise ConfigError(f"{source}:{event.start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels")
+                raise ConfigError(_at(source, event.start_mark.line + 1, (), f"nested deeper than {MAX_DEPTH} levels"))
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
         if isinstance(event, (yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent)):
@@ -127,18 +135,18 @@ def _build(loader: yaml.SafeLoader, node: yaml.Node, path: Path_, doc: Document)
     line = node.start_mark.line + 1
     doc.lines.setdefault(path, line)
     if node.tag not in _PLAIN_TAGS:
-        raise ConfigError(f"{doc.source}:{line}: {dotted(path) or 'document'}: YAML tag {node.tag!r} is not allowed "
-                          "(only strings, numbers, booleans, null, lists and mappings)")
+        raise ConfigError(_at(doc.source, line, path, f"YAML tag {node.tag!r} is not allowed "
+                              "(only strings, numbers, booleans, null, lists and mappings)"))
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _PLAIN_TAGS:
-                raise ConfigError(f"{doc.source}:{key_node.start_mark.line + 1}: {dotted(path) or 'document'}: "
-                                  "keys must be plain strings or numbers")
+                raise ConfigError(_at(doc.source, key_node.start_mark.line + 1, path,
+                                      "keys must be plain strings or numbers"))
             key = loader.construct_object(key_node)
             if key in out:
-                raise ConfigError(f"{doc.source}:{key_node.start_mark.line + 1}: {dotted((*path, key))}: "
-                                  f"duplicate key (first at line {doc.lines[(*path, key)]})")
+                raise ConfigError(_at(doc.source, key_node.start_mark.line + 1, (*path, key),
+                                      f"duplicate key (first at line {doc.lines[(*path, key)]})"))
             doc.lines[(*path, key)] = key_node.start_mark.line + 1
             out[key] = _build(loader, value_node, (*path, key), doc)
         return out

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import ConfigError, TopologyError
 from ..topology.graph import mermaid
@@ -47,12 +48,12 @@ def validate(
         except TopologyError as exc:
             bad += 1
             n = len(exc.problems)
-            err_console.print(f"[red]invalid:[/red] {path}: {n} problem{'s' if n != 1 else ''}")
+            err_console.print(Text.assemble(("invalid: ", "red"), f"{path}: {n} problem{'s' if n != 1 else ''}"))
             for problem in exc.problems:
                 err_console.print(f"  {problem}", markup=False)
         except ConfigError as exc:
             bad += 1
-            err_console.print(f"[red]invalid:[/red] {exc}", markup=False)
+            err_console.print(Text.assemble(("invalid: ", "red"), str(exc)))
         else:
             if not quiet:
                 typer.echo(f"ok: {path}: topology {topology.name!r}, {_summary(topology)}")

@@ -361,9 +361,7 @@ class _Reader:
                 policies: dict[str, dict[str, RetryPolicy]]) -> SidecarConfig | None:
         address = self.address((*path, "address"), data.get("address"), f"sidecar-{name}")
         owned = policies.get(name, {})
-        if not owned:
-            if name in self.named_sidecars:
-                return None
+        if not owned and name not in self.named_sidecars:
             self.problem(path, "no reliable queue uses this sidecar (give a queue sidecar: " + name + ")")
             return None
         store = data.get("store")
@@ -377,7 +375,10 @@ class _Reader:
             return None
         settings = {k: data[k] for k in ("synchronous", "lease_timeout", "dedupe_window", "cache_limit") if k in data}
         store_path = store if os.path.isabs(store) else str(self.base_dir / store)
-        return self.build(path, data, lambda: SidecarConfig(store=store_path, queues=owned, endpoint=address, **settings))
+        # A sidecar whose queues all have problems is still checked, with a stand-in queue.
+        built = self.build(path, data, lambda: SidecarConfig(store=store_path, queues=owned or ["-"], endpoint=address,
+                                                             **settings))
+        return built if owned else None
 
     def service(self, path: KeyPath, name: str, data: dict[str, Any], base: SocketOptions,
                 extra: dict[str, Any]) -> ServiceSpec | None:
@@ -433,7 +434,7 @@ def _shown(value: Any) -> str:
     if value is None:
         return "nothing"
     if isinstance(value, Mapping):
-        return "a mapping"
+        return "a mapping" if value else "an empty mapping"
     if isinstance(value, list):
-        return "a list"
+        return "a list" if value else "an empty list"
     return repr(value)
