@@ -65,6 +65,7 @@ class ConfirmFlow:
         self.pending: dict[bytes, _Pending] = {}
         self.unsent: deque[bytes] = deque()
         self._next_scan = 0.0
+        self._last_batch: list[bytes] = []
 
     def add(self, env: Envelope, frames: list[Any], timeout: float) -> None:
         self.pending[env.id] = _Pending(env, frames, timeout)
@@ -74,18 +75,31 @@ class ConfirmFlow:
         """(PUT frames, first sends, resends) for up to `limit` unsent messages; empty frames when none."""
         frames: list[Any] = [p.PUT]
         first = again = 0
+        self._last_batch.clear()
         while self.unsent and first + again < limit:
-            item = self.pending.get(self.unsent.popleft())
+            key = self.unsent.popleft()
+            item = self.pending.get(key)
             if item is None:
                 continue  # confirmed while it waited for a resend
-            if item.first_sent:
+            if item.last_sent:
                 again += 1
             else:
-                item.first_sent = now
                 first += 1
+            if not item.first_sent:
+                item.first_sent = now  # its timeout runs from the first try, sent or not
             item.last_sent = now
             frames += item.frames
+            self._last_batch.append(key)
         return (frames if len(frames) > 1 else []), first, again
+
+    def unsend_last(self) -> None:
+        """The last batch could not be sent (no sidecar connection yet): put it back first in line, as never sent."""
+        for key in reversed(self._last_batch):
+            item = self.pending.get(key)
+            if item is not None:
+                item.last_sent = 0.0
+                self.unsent.appendleft(key)
+        self._last_batch.clear()
 
     def confirm(self, ids: Iterable[bytes]) -> list[Envelope]:
         """The envelopes these ids confirm (ids not pending, e.g. repeated confirms, are ignored)."""
@@ -175,6 +189,8 @@ class _ReliableBase(SocketOwner):
         self.stats = ReliableCounters()
         self._flow = ConfirmFlow(resend_after)
         self._ids = IdSource()
+        self._blocked = False
+        """The last flush would have blocked (no sidecar connection): wait for writability, not only replies."""
 
     def envelope(self, body: Any, *, headers: Mapping[str, Any] | None = None, ttl: float | None = None) -> Envelope:
         """A new envelope for this queue (ttl: seconds until the sidecar dead-letters it as expired)."""
@@ -203,8 +219,12 @@ class _ReliableBase(SocketOwner):
         self.stats.rejected += len(refused)
         return done, refused
 
-    def _flush_to(self, sock: zmq.Socket[Any]) -> None:
-        """Send every message waiting to go out (first sends and due resends), in PUT batches."""
+    def _flush_to(self, sock: zmq.Socket[Any]) -> bool:
+        """Send every message waiting to go out (first sends and due resends), in PUT batches.
+
+        Returns True when the socket would block (no sidecar connection yet): the caller then
+        waits until it is writable, so a first send goes out as soon as the connection is up.
+        """
         now = time.monotonic()
         while self._flow.unsent:
             frames, first, again = self._flow.batch(now, self.batch_size)
@@ -213,9 +233,16 @@ class _ReliableBase(SocketOwner):
             try:
                 send_frames(sock, frames, zmq.NOBLOCK)
             except zmq.Again:
-                pass  # no sidecar connected: these go again after resend_after
+                self._flow.unsend_last()
+                self._blocked = True
+                return True
             self.stats.sent += first
             self.stats.resent += again
+        self._blocked = False
+        return False
+
+    def _wait_events(self, blocked: bool) -> int:
+        return zmq.POLLIN | zmq.POLLOUT if blocked else zmq.POLLIN
 
     def _outcome(self, envs: list[Envelope], confirmed: list[Envelope], rejected: list[tuple[Envelope, str]],
                  overdue: list[Envelope], timeout: float) -> list[Envelope]:
@@ -275,8 +302,9 @@ class ReliableProducer(_ReliableBase):
                 flow.add(env, self._check_queue(env), limit)
             if not flow.pending:
                 break
-            self._flush_to(sock)
-            if readable(sock, int(flow.wait(time.monotonic()) * 1000) + 1):
+            blocked = self._flush_to(sock)
+            wait_ms = int(flow.wait(time.monotonic()) * 1000) + 1
+            if readable(sock, wait_ms) if not blocked else sock.poll(wait_ms, self._wait_events(True)):
                 while has_message(sock):
                     done, refused = self._replies(recv_frames(sock, zmq.NOBLOCK))
                     confirmed += done
@@ -366,7 +394,7 @@ class AsyncReliableProducer(_ReliableBase):
     async def _pump(self) -> None:
         flow, sock = self._flow, self._sock
         while not self._closed:
-            if await sock.poll(int(flow.wait(time.monotonic()) * 1000) + 1, zmq.POLLIN):
+            if await sock.poll(int(flow.wait(time.monotonic()) * 1000) + 1, self._wait_events(self._blocked)):
                 while has_message(self._sync_sock):
                     done, refused = self._replies(recv_frames(self._sync_sock, zmq.NOBLOCK))
                     for env in done:
