@@ -14,6 +14,7 @@ import inspect
 import os
 import socket as _socketlib
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -237,12 +238,17 @@ class Worker(_WorkerBase):
         sock, _ = open_socket(self._ctx, zmq.DEALER, self._endpoint_specs, self.options)
         try:
             frames = self._heartbeat_frames()
-            while not self._stop.wait(0):
-                try:
-                    send_frames(sock, frames, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # not connected right now; the next beat tries again
-                if sock.poll(int(self.heartbeat * 1000), zmq.POLLIN):
+            next_beat = 0.0
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.heartbeat
+                    try:
+                        send_frames(sock, frames, zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # not connected right now; the next beat tries again
+                # Short waits, so stop() is noticed within 100 ms, not a whole heartbeat later.
+                if readable(sock, min(100, int((next_beat - now) * 1000) + 1)):
                     reply = recv_frames(sock)
                     if reply[:1] == [p.WHO]:
                         self._reannounce.set()
