@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .. import __version__
 from . import bench, dlq, forwarder, pubsub, queue, reqrep, scatter, sidecar, topology
+from ._common import fabric_errors
 
 app = typer.Typer(
     name="zfabric",
@@ -39,14 +41,24 @@ def _root(
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    topology: Annotated[Path | None, typer.Option(help="Instead: start this topology's infrastructure and push "
+                                                     "traffic through every queue, topic, service and group it declares.")] = None,
+) -> None:
     """Run every pattern live on loopback and print a short report of each (exit 1 if one fails).
 
     Example:  zfabric demo
+              zfabric demo --topology topologies/shop.yaml
     """
-    from ..demo import run_demo
+    if topology is not None:
+        from ..topology.exercise import run_topology_demo
 
-    if not run_demo():
+        ok = fabric_errors(run_topology_demo)(topology)
+    else:
+        from ..demo import run_demo
+
+        ok = run_demo()
+    if not ok:
         raise typer.Exit(1)
 
 
