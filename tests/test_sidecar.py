@@ -197,6 +197,24 @@ def test_resends_are_deduplicated(sidecar: Sidecar) -> None:
     assert handler.count(1) == 1
 
 
+@pytest.mark.parametrize("asyncio_face", [False, True], ids=["sync", "async"])
+def test_a_send_before_the_connection_is_up_is_sent_once_not_resent(sidecar: Sidecar, asyncio_face: bool) -> None:
+    """A fresh producer's first batch may find no connection yet; it must go out when the connection is up
+    (counted once as sent), not be counted sent, lost to EAGAIN and resent a second later."""
+    if asyncio_face:
+        async def main() -> AsyncReliableProducer:
+            async with AsyncReliableProducer(sidecar.endpoint, "mail", resend_after=30) as producer:
+                await producer.send_many(range(50), timeout=10)
+                return producer
+        stats = asyncio.run(main()).stats
+    else:
+        with ReliableProducer(sidecar.endpoint, "mail", resend_after=30) as producer:
+            producer.send_many(range(50), timeout=10)
+        stats = producer.stats
+    assert (stats.sent, stats.resent, stats.confirmed) == (50, 0, 50)
+    assert sidecar.stats.received == 50 and sidecar.stats.duplicates == 0
+
+
 def test_hostile_frames_are_counted_and_skipped(sidecar: Sidecar, ctx: zmq.Context) -> None:
     """Garbage from a raw socket never stops the sidecar: valid messages around it are confirmed and delivered."""
     raw = ctx.socket(zmq.DEALER)

@@ -217,3 +217,17 @@ def test_up_restarts_a_killed_sidecar_refuses_a_second_up_and_leaves_no_orphans(
     up.kill()  # the supervisor dies without a chance to clean up ...
     up.wait(10)
     assert wait_until(lambda: not any(alive(pid) for pid in pids), timeout=10)  # ... and its children follow it
+
+
+@pytest.mark.timeout(90)
+def test_demo_runs_on_the_shop_topology(tmp_path: Path, ipc_dir: Path) -> None:
+    path = shop_copy(tmp_path, ipc_dir)
+    done = subprocess.run([sys.executable, "-m", "zfabric", "demo", "--topology", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=80, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    for line in ("reliable queue orders │ 100 confirmed durable, 100/100 handled and acked",
+                 "queue receipts        │ 100/100 delivered, in order",
+                 "topic sales           │ 100/100 received through the forwarder, gaps 0",
+                 "service pricing       │ 50/50 correlated replies",
+                 "group quotes          │ 10 rounds to 3 members, quorum 2 met in 10", "5/5 parts ok"):
+        assert line in done.stdout, done.stdout
