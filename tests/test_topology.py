@@ -366,3 +366,9 @@ def test_graph_ids_and_labels_survive_odd_names() -> None:
     for line in text.splitlines()[1:]:
         node_id = re.match(r"\s+(\w+)", line)
         assert node_id, line
+
+
+def test_the_shop_picture_in_topologies_readme_is_what_graph_draws() -> None:
+    text = (ROOT / "topologies" / "README.md").read_text()
+    shown = text.split("```mermaid\n", 1)[1].split("```", 1)[0]
+    assert shown == mermaid(load_topology(ROOT / "topologies" / "shop.yaml"), addresses=False)
