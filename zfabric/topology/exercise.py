@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -19,6 +20,7 @@ from rich.table import Table
 
 from ..envelope import Envelope
 from ..errors import FabricError
+from ..patterns.queue import Producer
 from .fabric import Fabric
 from .supervisor import Supervisor
 
@@ -45,6 +47,7 @@ def _timed(part: str, run: Callable[[], tuple[str, bool]]) -> Outcome:
 def _plain_queue(fabric: Fabric, name: str, n: int) -> tuple[str, bool]:
     consumer = fabric.consumer(name)
     producer = fabric.producer(name, send_timeout=5.0)
+    assert isinstance(producer, Producer)
     producer.wait_for_consumers(1, timeout=10)
     for i in range(n):
         producer.send({"n": i})
@@ -104,14 +107,13 @@ def exercise(fabric: Fabric, messages: int = 100) -> list[Outcome]:
     out: list[Outcome] = []
     for name, q in t.queues.items():
         kind = "reliable queue" if q.reliable else "queue"
-        run = _reliable_queue if q.reliable else _plain_queue
-        out.append(_timed(f"{kind} {name}", lambda name=name, run=run: run(fabric, name, messages)))
+        out.append(_timed(f"{kind} {name}", partial(_reliable_queue if q.reliable else _plain_queue, fabric, name, messages)))
     for name in t.topics:
-        out.append(_timed(f"topic {name}", lambda name=name: _topic(fabric, name, messages)))
+        out.append(_timed(f"topic {name}", partial(_topic, fabric, name, messages)))
     for name in t.services:
-        out.append(_timed(f"service {name}", lambda name=name: _service(fabric, name, min(messages, 50))))
+        out.append(_timed(f"service {name}", partial(_service, fabric, name, min(messages, 50))))
     for name in t.groups:
-        out.append(_timed(f"group {name}", lambda name=name: _group(fabric, name, 10)))
+        out.append(_timed(f"group {name}", partial(_group, fabric, name, 10)))
     return out
 
 

@@ -15,7 +15,7 @@ import difflib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from ..errors import ConfigError
 from ..patterns.forwarder import Forwarder
@@ -79,7 +79,13 @@ class Fabric:
 
     # ---- queues -------------------------------------------------------------------------
 
-    def producer(self, queue: str, *, asyncio: bool = False, **kwargs: Any) -> Any:
+    @overload
+    def producer(self, queue: str, *, asyncio: Literal[False] = ..., **kwargs: Any) -> Producer | ReliableProducer: ...
+
+    @overload
+    def producer(self, queue: str, *, asyncio: Literal[True], **kwargs: Any) -> AsyncProducer | AsyncReliableProducer: ...
+
+    def producer(self, queue: str, *, asyncio: bool = False, **kwargs: Any) -> Producer | ReliableProducer | AsyncProducer | AsyncReliableProducer:
         """A producer for `queue`: ReliableProducer (to its sidecar) or Producer (plain), sync or asyncio."""
         spec = self._get("queue", self.topology.queues, queue)
         kw = self._common(self.topology.options_for(spec), kwargs)
@@ -92,6 +98,12 @@ class Fabric:
         return self._keep((AsyncProducer if asyncio else Producer)(spec.address, bind=spec.bind == "producer",
                                                                     queue=queue, **kw))
 
+    @overload
+    def consumer(self, queue: str, *, asyncio: Literal[False] = ..., **kwargs: Any) -> Consumer: ...
+
+    @overload
+    def consumer(self, queue: str, *, asyncio: Literal[True], **kwargs: Any) -> AsyncConsumer: ...
+
     def consumer(self, queue: str, *, asyncio: bool = False, **kwargs: Any) -> Consumer | AsyncConsumer:
         """A consumer of the plain queue `queue` (a reliable queue is consumed by `worker()`)."""
         spec = self._get("queue", self.topology.queues, queue)
@@ -101,6 +113,12 @@ class Fabric:
         ensure_ipc_dir(spec.address)
         kw = self._common(self.topology.options_for(spec), kwargs)
         return self._keep((AsyncConsumer if asyncio else Consumer)(spec.address, bind=spec.bind == "consumer", **kw))
+
+    @overload
+    def worker(self, queue: str, handler: Callable[..., Any], *, asyncio: Literal[False] = ..., **kwargs: Any) -> Worker: ...
+
+    @overload
+    def worker(self, queue: str, handler: Callable[..., Any], *, asyncio: Literal[True], **kwargs: Any) -> AsyncWorker: ...
 
     def worker(self, queue: str, handler: Callable[..., Any], *, asyncio: bool = False, **kwargs: Any) -> Worker | AsyncWorker:
         """A worker for the reliable queue `queue`: the handler's outcome acks, retries or dead-letters."""
@@ -123,11 +141,23 @@ class Fabric:
             self._get("topic", self.topology.topics, topic)
         return name, self._get("forwarder", self.topology.forwarders, name)
 
+    @overload
+    def publisher(self, topic: str, *, asyncio: Literal[False] = ..., **kwargs: Any) -> Publisher: ...
+
+    @overload
+    def publisher(self, topic: str, *, asyncio: Literal[True], **kwargs: Any) -> AsyncPublisher: ...
+
     def publisher(self, topic: str, *, asyncio: bool = False, **kwargs: Any) -> Publisher | AsyncPublisher:
         """A publisher connected to the forwarder that carries `topic` (a topic or forwarder name)."""
         _, fwd = self._forwarder_of(topic)
         kw = self._common(self.topology.options_for(fwd), kwargs)
         return self._keep((AsyncPublisher if asyncio else Publisher)(fwd.xsub, **kw))
+
+    @overload
+    def subscriber(self, *topics: str, asyncio: Literal[False] = ..., **kwargs: Any) -> Subscriber: ...
+
+    @overload
+    def subscriber(self, *topics: str, asyncio: Literal[True], **kwargs: Any) -> AsyncSubscriber: ...
 
     def subscriber(self, *topics: str, asyncio: bool = False, **kwargs: Any) -> Subscriber | AsyncSubscriber:
         """A subscriber to one or more declared topics, all carried by the same forwarder."""
@@ -144,6 +174,12 @@ class Fabric:
 
     # ---- request-reply and scatter-gather -----------------------------------------------
 
+    @overload
+    def requester(self, service: str, *, asyncio: Literal[False] = ..., **kwargs: Any) -> Requester: ...
+
+    @overload
+    def requester(self, service: str, *, asyncio: Literal[True], **kwargs: Any) -> AsyncRequester: ...
+
     def requester(self, service: str, *, asyncio: bool = False, **kwargs: Any) -> Requester | AsyncRequester:
         """A requester for `service`, with the service's timeout and retries."""
         spec = self._get("service", self.topology.services, service)
@@ -154,6 +190,12 @@ class Fabric:
         kw.setdefault("service", service)
         return self._keep((AsyncRequester if asyncio else Requester)(spec.address, **kw))
 
+    @overload
+    def replier(self, service: str, handler: Callable[..., Any], *, asyncio: Literal[False] = ..., **kwargs: Any) -> Replier: ...
+
+    @overload
+    def replier(self, service: str, handler: Callable[..., Any], *, asyncio: Literal[True], **kwargs: Any) -> AsyncReplier: ...
+
     def replier(self, service: str, handler: Callable[..., Any], *, asyncio: bool = False, **kwargs: Any) -> Replier | AsyncReplier:
         """The replier that serves `service`, bound to its address."""
         spec = self._get("service", self.topology.services, service)
@@ -161,6 +203,12 @@ class Fabric:
         kw = self._common(self.topology.options_for(spec), kwargs)
         kw.setdefault("name", service)
         return self._keep((AsyncReplier if asyncio else Replier)(spec.address, handler, bind=True, **kw))
+
+    @overload
+    def scatterer(self, group: str, *, asyncio: Literal[False] = ..., **kwargs: Any) -> Scatterer: ...
+
+    @overload
+    def scatterer(self, group: str, *, asyncio: Literal[True], **kwargs: Any) -> AsyncScatterer: ...
 
     def scatterer(self, group: str, *, asyncio: bool = False, **kwargs: Any) -> Scatterer | AsyncScatterer:
         """A scatterer that asks every member of `group`, with the group's deadline and quorum."""
@@ -172,6 +220,12 @@ class Fabric:
         kw.setdefault("quorum", spec.quorum)
         kw.setdefault("group", group)
         return self._keep((AsyncScatterer if asyncio else Scatterer)(dict(spec.members), **kw))
+
+    @overload
+    def member(self, group: str, member: str, handler: Callable[..., Any], *, asyncio: Literal[False] = ..., **kwargs: Any) -> Replier: ...
+
+    @overload
+    def member(self, group: str, member: str, handler: Callable[..., Any], *, asyncio: Literal[True], **kwargs: Any) -> AsyncReplier: ...
 
     def member(self, group: str, member: str, handler: Callable[..., Any], *, asyncio: bool = False,
                **kwargs: Any) -> Replier | AsyncReplier:
