@@ -372,3 +372,15 @@ def test_the_shop_picture_in_topologies_readme_is_what_graph_draws() -> None:
     text = (ROOT / "topologies" / "README.md").read_text()
     shown = text.split("```mermaid\n", 1)[1].split("```", 1)[0]
     assert shown == mermaid(load_topology(ROOT / "topologies" / "shop.yaml"), addresses=False)
+
+
+def test_up_host_selects_the_components_on_that_host() -> None:
+    from zfabric.topology.supervisor import Supervisor
+
+    path = ROOT / "topologies" / "two-hosts.yaml"
+    assert [(c.status.kind, c.status.name) for c in Supervisor(path, host="edge").components] == [("forwarder", "events")]
+    assert [(c.status.kind, c.status.name) for c in Supervisor(path, host="core").components] == [("sidecar", "jobs")]
+    assert len(Supervisor(path).components) == 2
+    result = runner.invoke(app, ["up", str(path), "--host", "egde"])
+    assert result.exit_code == 1
+    assert "--host 'egde' is not declared in" in result.output

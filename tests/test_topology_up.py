@@ -205,6 +205,12 @@ def test_up_restarts_a_killed_sidecar_refuses_a_second_up_and_leaves_no_orphans(
     assert second.returncode == 1
     assert "is already running (pid" in second.stderr
 
+    table = subprocess.run([sys.executable, "-m", "zfabric", "status", str(path)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=30, env={**os.environ, "COLUMNS": "200"})
+    assert table.returncode == 0, table.stderr
+    assert re.search(r"forwarder events\s+│\s+running\s+│\s+\d+\s+│ xsub=ipc://", table.stdout), table.stdout
+    assert re.search(r"sidecar main\s+│\s+running", table.stdout), table.stdout
+
     sidecar = component(status(path), "sidecar")
     os.kill(sidecar["pid"], signal.SIGKILL)
     assert wait_until(lambda: (lambda c: c["restarts"] == 1 and c["state"] == "running")(

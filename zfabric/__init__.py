@@ -23,6 +23,7 @@ from .errors import (
     RetryAfter,
     SendTimeout,
     StoreError,
+    TopologyError,
     TransportError,
     Unconfirmed,
 )
@@ -40,6 +41,9 @@ from .sidecar.config import SidecarConfig
 from .sidecar.policy import RetryPolicy
 from .sidecar.service import Sidecar, SidecarProcess
 from .sidecar.store import DeadLetterFilter, MessageRecord
+from .topology.fabric import Fabric
+from .topology.load import load_topology
+from .topology.model import Topology
 
 try:
     __version__ = version("zfabric")
@@ -66,6 +70,7 @@ __all__ = [
     "EncodeError",
     "Endpoint",
     "Envelope",
+    "Fabric",
     "FabricError",
     "FabricTimeout",
     "Forwarder",
@@ -97,6 +102,8 @@ __all__ = [
     "SocketOptions",
     "StoreError",
     "Subscriber",
+    "Topology",
+    "TopologyError",
     "TransportError",
     "Unconfirmed",
     "Worker",
@@ -105,4 +112,5 @@ __all__ = [
     "decode_published",
     "encode",
     "encode_published",
+    "load_topology",
 ]
