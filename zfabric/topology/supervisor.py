@@ -24,7 +24,8 @@ import msgpack
 import zmq
 
 from .._process import ChildProcess
-from .._socket import has_message, readable
+from .._socket import has_message, readable, warn_exposed
+from ..endpoint import Endpoint
 from ..errors import ConfigError, FabricError
 from .fabric import ensure_ipc_dir
 from .load import load_topology
@@ -216,6 +217,8 @@ class Supervisor:
         ensure_ipc_dir(address)
         sock = ctx.socket(zmq.ROUTER)
         sock.linger = 0
+        sock.maxmsgsize = 4096  # status requests are a few bytes; anything larger is not one
+        warn_exposed("zfabric up status address", [Endpoint.parse(address, bind=True)])
         try:
             sock.bind(address)
         except zmq.ZMQError as exc:
