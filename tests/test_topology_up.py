@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from zfabric.topology.fabric import Fabric
 
@@ -210,6 +211,19 @@ def test_up_restarts_a_killed_sidecar_refuses_a_second_up_and_leaves_no_orphans(
     assert table.returncode == 0, table.stderr
     assert re.search(r"forwarder events\s+│\s+running\s+│\s+\d+\s+│ xsub=ipc://", table.stdout), table.stdout
     assert re.search(r"sidecar main\s+│\s+running", table.stdout), table.stdout
+
+    # Foreign bytes and oversize frames on the status address are ignored; `up` keeps answering.
+    ctx = zmq.Context()
+    try:
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.linger = 0
+        rogue.connect(f"ipc://{ipc_dir}/control")
+        rogue.send_multipart([b"garbage", b"more"])
+        rogue.send(b"x" * 100_000)
+        assert status(path)["topology"] == "small"
+        rogue.close(0)
+    finally:
+        ctx.term()
 
     sidecar = component(status(path), "sidecar")
     os.kill(sidecar["pid"], signal.SIGKILL)
