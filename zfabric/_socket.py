@@ -75,6 +75,8 @@ def open_socket(
             sock.setsockopt(zmq.HEARTBEAT_TTL, options.heartbeat_timeout_ms)
         for opt, value in (tune or {}).items():
             sock.setsockopt(opt, value)
+        if options.curve is not None:
+            _secure(sock, context, endpoints, options.curve, watch=before_connect is None)
         if before_connect is not None:
             before_connect(sock)
         actual: list[str] = []
@@ -96,8 +98,37 @@ def open_socket(
         raise TransportError(f"cannot {verb}: {exc.strerror}", endpoint=where, errno=exc.errno) from exc
 
 
-def warn_exposed(who: str, endpoints: Sequence[Endpoint]) -> None:
-    """Warn about each endpoint reachable beyond this host: its traffic travels unencrypted."""
+def _secure(sock: zmq.Socket, context: zmq.Context, endpoints: Sequence[Endpoint], curve: Any, *, watch: bool) -> None:
+    """Make `sock` a CURVE server (it binds; only allowed keys get in) or client (it connects).
+
+    A server's failed handshakes are counted and logged by the context's authenticator,
+    unless the socket has a monitor of its own (`watch=False`; a socket has one monitor).
+    """
+    from .security.zap import ensure_zap, handler_for
+
+    sides = {ep.bind for ep in endpoints}
+    if len(sides) > 1:
+        raise ConfigError("a CURVE socket either binds (a server) or connects (a client), not both")
+    sock.setsockopt(zmq.CURVE_SECRETKEY, curve.keypair.secret)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.keypair.public)
+    if True in sides:
+        if curve.allow is None:
+            raise ConfigError("a CURVE server socket needs an allowlist: who may connect (Curve(allow=...))")
+        sock.setsockopt(zmq.ZAP_DOMAIN, ensure_zap(context, curve.allow).encode())
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        handler = handler_for(context)
+        if watch and handler is not None:
+            handler.watch(sock, ", ".join(ep.address for ep in endpoints))
+    else:
+        if curve.server_key is None:
+            raise ConfigError("a CURVE client socket needs the server's public key (Curve(server_key=...))")
+        sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_key)
+
+
+def warn_exposed(who: str, endpoints: Sequence[Endpoint], *, encrypted: bool = False) -> None:
+    """Warn about each endpoint reachable beyond this host when its traffic travels unencrypted."""
+    if encrypted:
+        return
     for ep in endpoints:
         if not ep.is_loopback:
             log.warning("%s: %s is reachable beyond this host and traffic is not encrypted", who, ep.address)
@@ -219,7 +250,7 @@ class SocketOwner:
             raise ClosedError(f"{type(self).__name__} is closed")
 
     def _warn_exposed(self) -> None:
-        warn_exposed(type(self).__name__, self._endpoint_specs)
+        warn_exposed(type(self).__name__, self._endpoint_specs, encrypted=self.options.curve is not None)
 
     def _attach_peer_watch(self, sock: Any) -> None:
         self._peers = PeerWatch(sock)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .security.curve import Curve
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +40,13 @@ class SocketOptions:
     """First reconnect delay after a lost connection."""
     reconnect_ivl_max_ms: int = 2000
     """Reconnect backoff ceiling."""
+    curve: Curve | None = None
+    """CURVE encryption and authentication (zfabric.security.curve.Curve); None: plain TCP."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
+            if f.name == "curve":
+                continue
             value = getattr(self, f.name)
             if type(value) is not int:
                 raise ConfigError(f"SocketOptions.{f.name}: expected an integer, got {value!r}")
@@ -50,6 +57,11 @@ class SocketOptions:
             raise ConfigError(f"SocketOptions.max_message_size: must be positive or -1, got {self.max_message_size}")
         if self.reconnect_ivl_ms < 1 or self.reconnect_ivl_max_ms < self.reconnect_ivl_ms:
             raise ConfigError("SocketOptions: reconnect_ivl_ms must be >= 1 and <= reconnect_ivl_max_ms")
+        if self.curve is not None:
+            from .security.curve import Curve
+
+            if not isinstance(self.curve, Curve):
+                raise ConfigError(f"SocketOptions.curve: expected a zfabric Curve, got {type(self.curve).__name__}")
 
     def replace(self, **changes: Any) -> SocketOptions:
         """A copy with the given options changed (validated again)."""

@@ -29,13 +29,14 @@ from .._logs import Throttled
 from .._process import ChildProcess
 from .._socket import AnyContext, context_for, open_socket, recv_frames, send_frames
 from ..endpoint import Endpoint
-from ..errors import FabricError
+from ..errors import ConfigError, FabricError
 from ..options import (
     DEFAULT_FORWARDER_XPUB,
     DEFAULT_FORWARDER_XSUB,
     DEFAULT_OPTIONS,
     SocketOptions,
 )
+from ..security.permissions import Permissions
 
 log = logging.getLogger("zfabric.forwarder")
 
@@ -55,6 +56,10 @@ class ForwarderCounters(CounterSet):
     unsubscribe_events: int = 0
     probes: int = 0
     rejected: int = 0
+    denied_publish: int = 0
+    """Messages dropped because their publisher's key may not publish to the topic (or was revoked)."""
+    denied_subscribe: int = 0
+    """Subscriptions refused because the subscriber's key may not read the topic (or was revoked)."""
 
 
 class Forwarder:
@@ -67,10 +72,16 @@ class Forwarder:
         *,
         options: SocketOptions | None = None,
         context: AnyContext | None = None,
+        permissions: Permissions | None = None,
     ) -> None:
         self._xsub_spec = Endpoint.parse(xsub, bind=True)
         self._xpub_spec = Endpoint.parse(xpub, bind=True)
         self.options = options if options is not None else DEFAULT_OPTIONS
+        if permissions is not None and (self.options.curve is None or self.options.curve.allow is None):
+            raise ConfigError("forwarder permissions need CURVE with an allowlist: a client's key is what identifies it")
+        self.permissions = permissions
+        """Per-key topic rules (None: every allowed client may publish and subscribe to anything)."""
+        self._denied_subs: dict[tuple[str | None, bytes], int] = {}
         self._given_context = context
         self.stats = ForwarderCounters()
         self.xsub_endpoint: str | None = None
@@ -93,9 +104,9 @@ class Forwarder:
         xsub = xpub = None
         try:
             xsub, (self.xsub_endpoint,) = open_socket(ctx, zmq.XSUB, [self._xsub_spec], self.options)
-            xpub, (self.xpub_endpoint,) = open_socket(
-                ctx, zmq.XPUB, [self._xpub_spec], self.options, tune={zmq.XPUB_VERBOSER: 1}
-            )
+            # With permissions, XPUB_MANUAL: a subscription takes effect only when the loop applies it.
+            tune: dict[int, int] = {zmq.XPUB_MANUAL: 1} if self.permissions is not None else {zmq.XPUB_VERBOSER: 1}
+            xpub, (self.xpub_endpoint,) = open_socket(ctx, zmq.XPUB, [self._xpub_spec], self.options, tune=tune)
             self._ready.set()
             if on_ready is not None:
                 on_ready(self)
@@ -125,7 +136,7 @@ class Forwarder:
             if xsub in ready:
                 for _ in range(_BATCH):
                     try:
-                        frames = recv_frames(xsub, zmq.NOBLOCK)
+                        frames, who = self._receive(xsub)
                     except zmq.Again:
                         break
                     stats.messages_in += 1
@@ -133,32 +144,75 @@ class Forwarder:
                     if frames[0][:1] == codec.CONTROL_PREFIX:
                         self._reject("publisher sent a reserved control topic", frames[0])
                         continue
+                    if self.permissions is not None and not self._may("publish", who, frames[0]):
+                        continue
                     send_frames(xpub, frames)
                     stats.messages_out += 1
             if xpub in ready:
                 for _ in range(_BATCH):
                     try:
-                        msg = xpub.recv(zmq.NOBLOCK)
+                        frames, who = self._receive(xpub)
                     except zmq.Again:
                         break
-                    self._on_subscription(msg, xsub, xpub)
+                    self._on_subscription(frames[0], xsub, xpub, who)
             if on_tick is not None and time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + tick
                 on_tick(self)
 
-    def _on_subscription(self, msg: bytes, xsub: zmq.Socket, xpub: zmq.Socket) -> None:
+    def _receive(self, sock: zmq.Socket) -> tuple[list[bytes], str | None]:
+        """One message and, when permissions apply, the name of the key that sent it."""
+        if self.permissions is None:
+            return recv_frames(sock, zmq.NOBLOCK), None
+        first = sock.recv(zmq.NOBLOCK, copy=False)
+        frames = [first.bytes]
+        more = first.more
+        while more:
+            frame = sock.recv(0, copy=False)
+            frames.append(frame.bytes)
+            more = frame.more
+        who = first.get("User-Id")
+        return frames, who if isinstance(who, str) else None
+
+    def _may(self, action: str, who: str | None, topic: bytes) -> bool:
+        """Whether key `who` may publish to / subscribe to `topic` now (a revoked key may do nothing)."""
+        assert self.permissions is not None and self.options.curve is not None and self.options.curve.allow is not None
+        text = topic.decode("utf-8", "replace")
+        allowed = who in self.options.curve.allow.names() and (
+            self.permissions.may_publish(who, text) if action == "publish" else self.permissions.may_subscribe(who, text))
+        if not allowed:
+            if action == "publish":
+                self.stats.denied_publish += 1
+            else:
+                self.stats.denied_subscribe += 1
+            self._bad_log.warning(f"denied|{action}|{who}|{text[:40]}", "forwarder denied key %s to %s %r",
+                                  who, action, text[:80])
+        return allowed
+
+    def _on_subscription(self, msg: bytes, xsub: zmq.Socket, xpub: zmq.Socket, who: str | None = None) -> None:
         if not msg or msg[0] not in (0, 1):
             self._reject("subscriber sent a message that is not a subscription", msg)
             return
         subscribe, topic = msg[0] == 1, msg[1:]
+        manual = self.permissions is not None
         if topic[:1] == codec.CONTROL_PREFIX:
             if topic.startswith(codec.PROBE_PREFIX):
+                if manual:
+                    xpub.setsockopt(zmq.SUBSCRIBE if subscribe else zmq.UNSUBSCRIBE, topic)
                 if subscribe:
                     self.stats.probes += 1
                     xpub.send(topic)
             else:
                 self._reject("subscription to a reserved control topic", topic)
             return
+        if manual:
+            key = (who, topic)
+            if not subscribe and self._denied_subs.get(key):
+                self._denied_subs[key] -= 1
+                return
+            if subscribe and not self._may("subscribe", who, topic):
+                self._denied_subs[key] = self._denied_subs.get(key, 0) + 1
+                return
+            xpub.setsockopt(zmq.SUBSCRIBE if subscribe else zmq.UNSUBSCRIBE, topic)
         old = self._counts.get(topic, 0)
         if subscribe:
             new = old + 1
@@ -187,6 +241,8 @@ class Forwarder:
 
     def start(self, timeout: float = 5.0) -> Forwarder:
         """Run in a daemon thread; returns once bound (re-raises a bind failure)."""
+        if self._thread is not None:
+            raise FabricError("this forwarder is already started (`with Forwarder(...)` starts it too)")
         self._thread = threading.Thread(target=self._run_quietly, name="zfabric-forwarder", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):

@@ -142,7 +142,7 @@ class Sidecar:
             self._recover(store)
             where = [Endpoint.parse(cfg.endpoint, default_bind=True)]
             sock, actual = open_socket(ctx, zmq.ROUTER, where, self.options, tune={zmq.ROUTER_MANDATORY: 1})
-            warn_exposed("sidecar", where)
+            warn_exposed("sidecar", where, encrypted=self.options.curve is not None)
             self.endpoint = actual[0]
             self._sock = sock
             log.info("sidecar ready endpoint=%s store=%s queues=%s", self.endpoint, cfg.store, ",".join(cfg.queues))

@@ -1,0 +1,1 @@
+"""Security: CURVE keys, who may connect (allowlist + ZAP, failing closed), what each key may do (permissions)."""
