@@ -91,8 +91,10 @@ def open_socket(
                 sock.connect(ep.address)
                 actual.append(ep.address)
         return sock, actual
-    except zmq.ZMQError as exc:
-        sock.close(0)
+    except BaseException as exc:
+        sock.close(0)  # an open socket would make the context's term() hang
+        if not isinstance(exc, zmq.ZMQError):
+            raise
         where = current.address if current else None
         verb = "bind" if current and current.bind else "connect" if current else "configure socket"
         raise TransportError(f"cannot {verb}: {exc.strerror}", endpoint=where, errno=exc.errno) from exc

@@ -10,7 +10,18 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import bench, dlq, forwarder, pubsub, queue, reqrep, scatter, sidecar, topology
+from . import (
+    bench,
+    dlq,
+    forwarder,
+    keys,
+    pubsub,
+    queue,
+    reqrep,
+    scatter,
+    sidecar,
+    topology,
+)
 from ._common import fabric_errors
 
 app = typer.Typer(
@@ -77,6 +88,7 @@ app.command()(topology.status)
 app.command()(topology.graph)
 app.add_typer(sidecar.app, name="sidecar")
 app.add_typer(dlq.app, name="dlq")
+app.add_typer(keys.app, name="keys")
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ def generate(name: str, directory: str | os.PathLike[str], *, overwrite: bool = 
     public, secret = zmq.curve_keypair()
     pub_path, sec_path = d / (name + PUBLIC_SUFFIX), d / (name + SECRET_SUFFIX)
     if not overwrite and (pub_path.exists() or sec_path.exists()):
-        raise ConfigError(f"{sec_path if sec_path.exists() else pub_path} already exists; pass overwrite to replace it")
+        raise ConfigError(f"{sec_path if sec_path.exists() else pub_path} already exists; to replace it, pass --force (overwrite=True in code)")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(sec_path, flags, 0o600)
     try:

@@ -20,7 +20,7 @@ from ..options import check_keys
 def _names(value: Any, where: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, Iterable) or isinstance(value, Mapping) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where}: expected a list of names or topic prefixes, got {value!r}")
     return tuple(value)
 
@@ -36,11 +36,13 @@ class Rules:
     """Request-reply services and scatter-gather groups."""
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], where: str) -> Rules:
+    def from_mapping(cls, data: Mapping[str, Any], where: str = "") -> Rules:
+        """Rules from a config mapping; errors start with the key path (under `where`, if given)."""
+        prefix = f"{where}." if where else ""
         if not isinstance(data, Mapping):
-            raise ConfigError(f"{where}: expected a mapping with publish, subscribe, queues and services")
+            raise ConfigError(f"{where or 'rules'}: expected a mapping with publish, subscribe, queues and services")
         check_keys(data, ["publish", "subscribe", "queues", "services"], where)
-        return cls(**{k: _names(v, f"{where}.{k}") for k, v in data.items()})
+        return cls(**{k: _names(v, f"{prefix}{k}") for k, v in data.items()})
 
 
 def _prefix_allowed(topic: str, prefixes: tuple[str, ...]) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
 from ..errors import ConfigError
+from ..options import SocketOptions
 from ..patterns.forwarder import Forwarder
 from ..patterns.pubsub import AsyncPublisher, AsyncSubscriber, Publisher, Subscriber
 from ..patterns.queue import AsyncConsumer, AsyncProducer, Consumer, Producer
@@ -25,12 +26,16 @@ from ..patterns.reliable import AsyncReliableProducer, ReliableProducer
 from ..patterns.reqrep import AsyncReplier, AsyncRequester, Replier, Requester
 from ..patterns.scatter import AsyncScatterer, Scatterer
 from ..patterns.worker import AsyncWorker, Worker
+from ..security.curve import Curve
+from ..security.zap import Allowlist
 from ..sidecar.service import Sidecar
 from .load import load_topology
 from .model import Topology
 
 ENV_VAR = "ZFABRIC_TOPOLOGY"
 """Environment variable naming the topology file when `from_topology()` gets no path."""
+IDENTITY_VAR = "ZFABRIC_IDENTITY"
+"""Environment variable naming this service's key when the topology uses CURVE."""
 
 T = TypeVar("T")
 
@@ -44,19 +49,26 @@ def ensure_ipc_dir(address: str) -> None:
 class Fabric:
     """The parts of one topology by name, sync or asyncio (`asyncio=True`); extra keywords go to the constructor."""
 
-    def __init__(self, topology: Topology, *, context: Any = None) -> None:
+    def __init__(self, topology: Topology, *, identity: str | None = None, context: Any = None) -> None:
         self.topology = topology
+        self.identity = identity or os.environ.get(IDENTITY_VAR) or None
+        """The key name this service connects with, when the topology uses CURVE."""
         self._context = context
         self._made: list[Any] = []
+        self._allow: Allowlist | None = None
 
     @classmethod
-    def from_topology(cls, path: str | os.PathLike[str] | None = None, *, context: Any = None) -> Fabric:
-        """Load `path` (default: the file named by $ZFABRIC_TOPOLOGY); TopologyError lists any problems."""
+    def from_topology(cls, path: str | os.PathLike[str] | None = None, *, identity: str | None = None,
+                      context: Any = None) -> Fabric:
+        """Load `path` (default: the file named by $ZFABRIC_TOPOLOGY); TopologyError lists any problems.
+
+        With CURVE, `identity` (default: $ZFABRIC_IDENTITY) names this service's key pair.
+        """
         if path is None:
             path = os.environ.get(ENV_VAR)
             if not path:
                 raise ConfigError(f"no topology file given and ${ENV_VAR} is not set")
-        return cls(load_topology(path), context=context)
+        return cls(load_topology(path), identity=identity, context=context)
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -71,11 +83,29 @@ class Fabric:
         self._made.append(obj)
         return obj
 
-    def _common(self, options: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        kwargs.setdefault("options", options)
+    def _common(self, options: SocketOptions, kwargs: dict[str, Any], part: tuple[str, str], *,
+                server: bool = False) -> dict[str, Any]:
+        """Constructor keywords: the part's options, with CURVE as server (it binds) or client when secured."""
+        if "options" not in kwargs:
+            kwargs["options"] = self._secured(options, part, server=server)
         if self._context is not None:
             kwargs.setdefault("context", self._context)
         return kwargs
+
+    def _secured(self, options: SocketOptions, part: tuple[str, str], *, server: bool) -> SocketOptions:
+        sec = self.topology.security
+        if sec is None:
+            return options
+        key = sec.key_of(*part)
+        if server:
+            if self._allow is None:
+                self._allow = Allowlist(sec.keys, only=sec.allow)
+            return options.replace(curve=Curve(sec.secret_key(key), allow=self._allow))
+        if self.identity is None:
+            raise ConfigError(f"topology {self.topology.name!r} uses CURVE: say which key this service connects with, "
+                              f"Fabric.from_topology(path, identity=NAME) or {IDENTITY_VAR}=NAME "
+                              f"(its secret NAME.key_secret goes in {sec.secrets})")
+        return options.replace(curve=Curve(sec.secret_key(self.identity), server_key=sec.public_key(key).public))
 
     # ---- queues -------------------------------------------------------------------------
 
@@ -88,12 +118,13 @@ class Fabric:
     def producer(self, queue: str, *, asyncio: bool = False, **kwargs: Any) -> Producer | ReliableProducer | AsyncProducer | AsyncReliableProducer:
         """A producer for `queue`: ReliableProducer (to its sidecar) or Producer (plain), sync or asyncio."""
         spec = self._get("queue", self.topology.queues, queue)
-        kw = self._common(self.topology.options_for(spec), kwargs)
         if spec.sidecar is not None:
             endpoint = self._get("sidecar", self.topology.sidecars, spec.sidecar).endpoint
+            kw = self._common(self.topology.options_for(spec), kwargs, ("sidecars", spec.sidecar))
             return self._keep((AsyncReliableProducer if asyncio else ReliableProducer)(endpoint, queue, **kw))
         assert spec.address is not None
         ensure_ipc_dir(spec.address)
+        kw = self._common(self.topology.options_for(spec), kwargs, ("queues", queue), server=spec.bind == "producer")
         kw.setdefault("send_timeout", spec.send_timeout)
         return self._keep((AsyncProducer if asyncio else Producer)(spec.address, bind=spec.bind == "producer",
                                                                     queue=queue, **kw))
@@ -111,7 +142,7 @@ class Fabric:
             raise ConfigError(f"queue {queue!r} is reliable (sidecar {spec.sidecar!r}): take its messages with "
                               f"fabric.worker({queue!r}, handler)")
         ensure_ipc_dir(spec.address)
-        kw = self._common(self.topology.options_for(spec), kwargs)
+        kw = self._common(self.topology.options_for(spec), kwargs, ("queues", queue), server=spec.bind == "consumer")
         return self._keep((AsyncConsumer if asyncio else Consumer)(spec.address, bind=spec.bind == "consumer", **kw))
 
     @overload
@@ -127,7 +158,7 @@ class Fabric:
             raise ConfigError(f"queue {queue!r} is a plain queue: read it with fabric.consumer({queue!r}); "
                               "workers need a reliable queue (one with a sidecar)")
         endpoint = self._get("sidecar", self.topology.sidecars, spec.sidecar).endpoint
-        kw = self._common(self.topology.options_for(spec), kwargs)
+        kw = self._common(self.topology.options_for(spec), kwargs, ("sidecars", spec.sidecar))
         return self._keep((AsyncWorker if asyncio else Worker)(endpoint, queue, handler, **kw))
 
     # ---- pub/sub ------------------------------------------------------------------------
@@ -149,8 +180,8 @@ class Fabric:
 
     def publisher(self, topic: str, *, asyncio: bool = False, **kwargs: Any) -> Publisher | AsyncPublisher:
         """A publisher connected to the forwarder that carries `topic` (a topic or forwarder name)."""
-        _, fwd = self._forwarder_of(topic)
-        kw = self._common(self.topology.options_for(fwd), kwargs)
+        name, fwd = self._forwarder_of(topic)
+        kw = self._common(self.topology.options_for(fwd), kwargs, ("forwarders", name))
         return self._keep((AsyncPublisher if asyncio else Publisher)(fwd.xsub, **kw))
 
     @overload
@@ -167,8 +198,9 @@ class Fabric:
         if len(forwarders) > 1:
             raise ConfigError(f"topics {', '.join(topics)} are carried by different forwarders "
                               f"({', '.join(sorted(forwarders))}); make one subscriber per forwarder")
-        fwd = self.topology.forwarders[forwarders.pop()]
-        kw = self._common(self.topology.options_for(fwd), kwargs)
+        name = forwarders.pop()
+        fwd = self.topology.forwarders[name]
+        kw = self._common(self.topology.options_for(fwd), kwargs, ("forwarders", name))
         subscribed = [t for t in topics if t in self.topology.topics]
         return self._keep((AsyncSubscriber if asyncio else Subscriber)(fwd.xpub, topics=subscribed, **kw))
 
@@ -184,7 +216,7 @@ class Fabric:
         """A requester for `service`, with the service's timeout and retries."""
         spec = self._get("service", self.topology.services, service)
         ensure_ipc_dir(spec.address)
-        kw = self._common(self.topology.options_for(spec), kwargs)
+        kw = self._common(self.topology.options_for(spec), kwargs, ("services", service))
         kw.setdefault("timeout", spec.timeout)
         kw.setdefault("retries", spec.retries)
         kw.setdefault("service", service)
@@ -200,7 +232,7 @@ class Fabric:
         """The replier that serves `service`, bound to its address."""
         spec = self._get("service", self.topology.services, service)
         ensure_ipc_dir(spec.address)
-        kw = self._common(self.topology.options_for(spec), kwargs)
+        kw = self._common(self.topology.options_for(spec), kwargs, ("services", service), server=True)
         kw.setdefault("name", service)
         return self._keep((AsyncReplier if asyncio else Replier)(spec.address, handler, bind=True, **kw))
 
@@ -215,7 +247,7 @@ class Fabric:
         spec = self._get("group", self.topology.groups, group)
         for address in spec.members.values():
             ensure_ipc_dir(address)
-        kw = self._common(self.topology.options_for(spec), kwargs)
+        kw = self._common(self.topology.options_for(spec), kwargs, ("groups", group))
         kw.setdefault("deadline", spec.deadline)
         kw.setdefault("quorum", spec.quorum)
         kw.setdefault("group", group)
@@ -233,7 +265,7 @@ class Fabric:
         spec = self._get("group", self.topology.groups, group)
         address = self._get(f"member of group {group!r} named", spec.members, member)
         ensure_ipc_dir(address)
-        kw = self._common(self.topology.options_for(spec), kwargs)
+        kw = self._common(self.topology.options_for(spec), kwargs, ("groups", group), server=True)
         kw.setdefault("name", member)
         return self._keep((AsyncReplier if asyncio else Replier)(address, handler, bind=True, **kw))
 
@@ -244,14 +276,17 @@ class Fabric:
         spec = self._get("forwarder", self.topology.forwarders, name)
         ensure_ipc_dir(spec.xsub)
         ensure_ipc_dir(spec.xpub)
-        return self._keep(Forwarder(spec.xsub, spec.xpub, options=self.topology.options_for(spec), context=self._context))
+        options = self._secured(self.topology.options_for(spec), ("forwarders", name), server=True)
+        permissions = self.topology.security.permissions if self.topology.security is not None else None
+        return self._keep(Forwarder(spec.xsub, spec.xpub, options=options, context=self._context, permissions=permissions))
 
     def sidecar(self, name: str) -> Sidecar:
         """The sidecar `name` with its queues and policies, not started: call start() or run()."""
         config = self._get("sidecar", self.topology.sidecars, name)
         ensure_ipc_dir(config.endpoint)
         Path(config.store).parent.mkdir(parents=True, exist_ok=True)
-        return self._keep(Sidecar(config=config, options=self.topology.options, context=self._context))
+        options = self._secured(self.topology.options, ("sidecars", name), server=True)
+        return self._keep(Sidecar(config=config, options=options, context=self._context))
 
     # ---- lifetime -----------------------------------------------------------------------
 

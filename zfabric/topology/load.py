@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +21,8 @@ from .._yaml import Document, dotted, load_file, load_text
 from ..endpoint import Endpoint
 from ..errors import ConfigError, TopologyError
 from ..options import DEFAULT_REQUEST_RETRIES, DEFAULT_REQUEST_TIMEOUT, SocketOptions
+from ..security.keys import check_name
+from ..security.permissions import Permissions, Rules
 from ..sidecar.config import SidecarConfig
 from ..sidecar.policy import RetryPolicy
 from .model import (
@@ -27,6 +30,7 @@ from .model import (
     GroupSpec,
     KeyPath,
     QueueSpec,
+    SecuritySpec,
     ServiceSpec,
     TopicSpec,
     Topology,
@@ -35,17 +39,19 @@ from .model import (
 T = TypeVar("T")
 
 VERSION = 1
-SECTIONS = ["version", "name", "control", "hosts", "defaults", "forwarders", "topics", "queues", "sidecars",
-            "services", "groups"]
+SECTIONS = ["version", "name", "control", "hosts", "defaults", "security", "forwarders", "topics", "queues",
+            "sidecars", "services", "groups"]
+SECURITY_KEYS = ["curve", "keys", "secrets", "allow", "permissions"]
 OPTION_KEYS = [f.name for f in dataclasses.fields(SocketOptions)]
 DEFAULT_KEYS = ["transport", "ipc_dir", *OPTION_KEYS, "request_timeout", "request_retries", "deadline", "send_timeout"]
 POLICY_KEYS = [f.name for f in dataclasses.fields(RetryPolicy)]
-FORWARDER_KEYS = ["xsub", "xpub", "options"]
+FORWARDER_KEYS = ["xsub", "xpub", "options", "key"]
 TOPIC_KEYS = ["forwarder", "publishers", "subscribers"]
-QUEUE_KEYS = ["address", "sidecar", "reliable", "bind", "send_timeout", "producers", "consumers", "options", *POLICY_KEYS]
-SIDECAR_KEYS = ["address", "store", "synchronous", "lease_timeout", "dedupe_window", "cache_limit"]
-SERVICE_KEYS = ["address", "timeout", "retries", "servers", "clients", "options"]
-GROUP_KEYS = ["members", "deadline", "quorum", "clients", "options"]
+QUEUE_KEYS = ["address", "sidecar", "reliable", "bind", "send_timeout", "producers", "consumers", "options", "key",
+              *POLICY_KEYS]
+SIDECAR_KEYS = ["address", "store", "synchronous", "lease_timeout", "dedupe_window", "cache_limit", "key"]
+SERVICE_KEYS = ["address", "timeout", "retries", "servers", "clients", "options", "key"]
+GROUP_KEYS = ["members", "deadline", "quorum", "clients", "options", "key"]
 IPC_PATH_MAX = 107
 """Longest ipc:// path the kernel accepts (sun_path)."""
 
@@ -76,6 +82,7 @@ class _Reader:
         self.hosts: dict[str, str] = {}
         self.transport = "tcp"
         self.ipc_dir = ""
+        self.part_keys: dict[tuple[str, str], str] = {}
         self.named_sidecars: set[str] = set()
         """Sidecars some queue names, even a queue with problems (so a sidecar is not called unused)."""
 
@@ -211,6 +218,7 @@ class _Reader:
             name = self.stem
         self.read_hosts(root.get("hosts"))
         base, extra = self.read_defaults(root.get("defaults"), name)
+        security = self.read_security(root.get("security"))
         forwarders = self.section(root, "forwarders", FORWARDER_KEYS, lambda p, n, d: self.forwarder(p, n, d, base))
         queues, policies = self.queues(root.get("queues"), base, extra)
         sidecars = self.section(root, "sidecars", SIDECAR_KEYS, lambda p, n, d: self.sidecar(p, n, d, policies))
@@ -222,7 +230,11 @@ class _Reader:
             control = self.address(("control",), root["control"], "control")
         topology = Topology(name=name, forwarders=forwarders, topics=topics, queues=queues, sidecars=sidecars,
                             services=services, groups=groups, options=base, hosts=dict(self.hosts),
-                            control=control or default_control(name, self.ipc_dir), source=self.doc.source)
+                            control=control or default_control(name, self.ipc_dir), source=self.doc.source,
+                            security=security)
+        if security is None:
+            for section, part in self.part_keys:
+                self.problem((section, part, "key"), "a part's key applies only with a security section")
         for problem in topology.problems():
             if not self._caused_by_broken(problem.path, topology):
                 self.problem(problem.path, problem.message)
@@ -250,12 +262,64 @@ class _Reader:
             if entry is None:
                 self.broken.get(key, set()).add(name)
                 continue
-            built = make(path, name, self.keys(path, entry, known))
+            entry = self.keys(path, entry, known)
+            if "key" in entry:
+                self.part_key(key, name, entry.pop("key"))
+            built = make(path, name, entry)
             if built is None:
                 self.broken.get(key, set()).add(name)
             else:
                 out[name] = built
         return out
+
+    def part_key(self, section: str, name: str, value: Any) -> None:
+        path = (section, name, "key")
+        try:
+            self.part_keys[(section, name)] = check_name(value)
+        except ConfigError as exc:
+            self.problem(path, str(exc))
+
+    def read_security(self, raw: Any) -> SecuritySpec | None:
+        if raw is None:
+            return None
+        path = ("security",)
+        data = self.mapping(path, raw, "security settings")
+        if data is None:
+            return None
+        data = self.keys(path, data, SECURITY_KEYS)
+        curve = data.get("curve", True)
+        if not isinstance(curve, bool):
+            self.problem((*path, "curve"), f"expected true or false, got {_shown(curve)}")
+            return None
+        if not curve:
+            return None
+        paths = {}
+        for key in ("keys", "secrets"):
+            value = data.get(key, data.get("keys"))
+            if not isinstance(value, str) or not value:
+                self.problem((*path, key), f"expected a directory of key files, got {_shown(value)}")
+                return None
+            paths[key] = Path(value) if os.path.isabs(value) else self.base_dir / value
+        allow = None
+        if "allow" in data:
+            allow = self.names((*path, "allow"), data["allow"])
+            for i, name in enumerate(allow):
+                if not (paths["keys"] / f"{name}.key").exists():
+                    self.problem((*path, "allow", i), f"no public key {paths['keys'] / (name + '.key')} for {name!r}")
+        permissions = None
+        rules_data = self.mapping((*path, "permissions"), data.get("permissions"), "key names to rules")
+        if rules_data:
+            rules = {}
+            for name, rule in rules_data.items():
+                rule_path = (*path, "permissions", name)
+                rule_map = self.mapping(rule_path, rule, "publish, subscribe, queues and services")
+                if rule_map is not None:
+                    built = self.build(rule_path, rule_map, partial(Rules.from_mapping, rule_map))
+                    if built is not None:
+                        rules[str(name)] = built
+            permissions = Permissions(rules)
+        return SecuritySpec(keys=paths["keys"], secrets=paths["secrets"], allow=allow, permissions=permissions,
+                            part_keys=self.part_keys)
 
     def read_hosts(self, raw: Any) -> None:
         data = self.mapping(("hosts",), raw, "host names to addresses") or {}

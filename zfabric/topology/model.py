@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from ..endpoint import Endpoint
@@ -23,6 +25,8 @@ from ..options import (
     DEFAULT_REQUEST_TIMEOUT,
     SocketOptions,
 )
+from ..security.keys import KeyPair, find
+from ..security.permissions import Permissions
 from ..sidecar.config import SidecarConfig
 
 KeyPath = tuple[Hashable, ...]
@@ -161,6 +165,37 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
+class SecuritySpec:
+    """CURVE for the whole fabric: where keys are, who may connect, what each key may do.
+
+    Every part that binds (forwarder, sidecar, plain queue, service, group) is a CURVE
+    server with its own key pair, named `part_keys[(section, name)]` or else the part's name
+    (a group's members share the group's key). Clients prove their own key (the identity a
+    service gives `Fabric`) and check the server's.
+    """
+
+    keys: Path
+    """Directory of public keys (NAME.key) of every part and client; the default allowlist."""
+    secrets: Path
+    """Directory of this machine's secret keys (NAME.key_secret); $ZFABRIC_SECRETS overrides it."""
+    allow: tuple[str, ...] | None = None
+    """Only these key names may connect (None: every key in `keys`, re-read when it changes)."""
+    permissions: Permissions | None = None
+    """Per-key topic rules the forwarders enforce (None: any allowed key may publish and subscribe)."""
+    part_keys: Mapping[tuple[str, str], str] = field(default_factory=dict)
+
+    def key_of(self, section: str, name: str) -> str:
+        """The key name a part binds with."""
+        return self.part_keys.get((section, name), name)
+
+    def public_key(self, name: str) -> KeyPair:
+        return find(self.keys, name, secret=False)
+
+    def secret_key(self, name: str) -> KeyPair:
+        return find(Path(os.environ.get("ZFABRIC_SECRETS") or self.secrets), name, secret=True)
+
+
+@dataclass(frozen=True)
 class Binding:
     """One address some part of the topology binds, and which part (for the duplicate check)."""
 
@@ -187,6 +222,8 @@ class Topology:
     """Where `zfabric up` answers `zfabric status` (None: an ipc path derived from the name)."""
     source: str = "<code>"
     """The file this topology came from, for messages."""
+    security: SecuritySpec | None = None
+    """CURVE for every socket of the fabric (None: plain TCP)."""
 
     def options_for(self, spec: ForwarderSpec | QueueSpec | ServiceSpec | GroupSpec) -> SocketOptions:
         """The socket options a part runs with: its own, else the fabric's."""
@@ -220,7 +257,7 @@ class Topology:
 
     def problems(self) -> list[Problem]:
         """Everything wrong with the wiring (an empty list when the topology is usable)."""
-        out: list[Problem] = []
+        out: list[Problem] = self._security_problems()
         out += _clashes(list(self.bindings()))
         for name, topic in self.topics.items():
             if topic.forwarder not in self.forwarders:
@@ -258,6 +295,30 @@ class Topology:
             if len(s.servers) > 1:
                 out.append(Problem(("services", name, "servers"), f"{len(s.servers)} servers cannot all bind one "
                                    "address; declare one service per server address"))
+        return out
+
+    def binding_parts(self) -> Iterator[tuple[str, str, KeyPath]]:
+        """(section, name, key path) of every part that binds an address, i.e. holds a server key."""
+        for section in ("forwarders", "sidecars", "services", "groups"):
+            for name in getattr(self, section):
+                yield section, name, (section, name)
+        for name, q in self.queues.items():
+            if q.address is not None:
+                yield "queues", name, ("queues", name)
+
+    def _security_problems(self) -> list[Problem]:
+        sec = self.security
+        if sec is None:
+            return []
+        out: list[Problem] = []
+        if not sec.keys.is_dir():
+            return [Problem(("security", "keys"), f"{sec.keys} is not a directory of public keys "
+                            "(make one with: zfabric keys generate NAME --dir DIR)")]
+        for section, name, path in self.binding_parts():
+            key = sec.key_of(section, name)
+            if not (sec.keys / f"{key}.key").exists():
+                out.append(Problem((*path, "key"), f"no public key {sec.keys / (key + '.key')}; create it with: "
+                                   f"zfabric keys generate {key} --dir {sec.keys}"))
         return out
 
     def check(self) -> Topology:
