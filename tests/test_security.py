@@ -425,3 +425,27 @@ def test_a_flooding_peer_does_not_starve_nine_modest_ones(tmp_path: Path) -> Non
     print(f"\nflood: {flood} messages from the flooder; modest peers got {counts} of {sent_each} each")
     assert all(c >= 0.99 * sent_each for c in counts), counts
     assert flood > sum(counts)  # it really was a flood
+
+
+@pytest.mark.timeout(90)
+def test_zfabric_up_runs_a_secured_topology(secured: Secured, tmp_path: Path) -> None:
+    """The forwarder and sidecar processes load their own secret keys; clients with known keys get through."""
+    up = subprocess.Popen([sys.executable, "-m", "zfabric", "up", str(secured.path), "--no-live"], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert up.stdout is not None
+        lines = [up.stdout.readline() for _ in range(3)]
+        assert lines[0].startswith("zfabric up ready topology=secure"), "".join(lines) + up.stdout.read(2000)
+        with secured.fabric("shop") as shop, secured.fabric("writer") as writers:
+            sub = shop.subscriber("sales")
+            sub.wait_ready(10)
+            pub = writers.publisher("sales")
+            pub.wait_for_subscribers(1, topic="sales", timeout=10)
+            for n in range(20):
+                pub.publish("sales", n)
+            assert [sub.receive(timeout=5).body for _ in range(20)] == list(range(20))
+            confirmed = shop.producer("jobs").send_many(range(20), timeout=10)
+            assert len(confirmed) == 20
+    finally:
+        up.terminate()
+        assert up.wait(15) == 0
