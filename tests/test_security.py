@@ -449,3 +449,34 @@ def test_zfabric_up_runs_a_secured_topology(secured: Secured, tmp_path: Path) ->
     finally:
         up.terminate()
         assert up.wait(15) == 0
+
+
+def test_queue_and_service_rights_are_enforced_per_key(secured: Secured) -> None:
+    """`reader` may connect but has no queue or service rights: each denied action is dropped, counted and said."""
+    from zfabric import FabricError, Rejected, RequestTimeout, SidecarClient
+
+    with secured.fabric("shop") as shop, secured.fabric("reader") as readers:
+        sidecar = shop.sidecar("store").start()
+        replier = shop.replier("pricing", lambda env: "price").start()
+        members = [shop.member("quotes", m, lambda env, m=m: m).start() for m in ("a", "b")]
+
+        with pytest.raises(Rejected, match="key reader may not send to queue 'jobs'"):
+            readers.producer("jobs").send("x", timeout=5)
+        worker = readers.worker("jobs", lambda env: None)
+        with pytest.raises(FabricError, match="key reader may not take from queue 'jobs'"):
+            worker.run(max_messages=1)
+        with pytest.raises(RequestTimeout):
+            readers.requester("pricing", timeout=0.3, retries=0).request("x")
+        assert readers.scatterer("quotes", deadline=0.3).scatter("x").replies == ()
+        reader_key = load_pair(secured.keys / "reader.key_secret")
+        server = load_pair(secured.keys / "store.key_secret")
+        with SidecarClient(sidecar.endpoint, options=SocketOptions(curve=Curve(reader_key, server_key=server.public)),
+                           timeout=5) as client, pytest.raises(FabricError, match="may not control this sidecar"):
+            client.stats()
+
+        assert shop.producer("jobs").send("fine", timeout=5)  # shop has queues: ["*"]
+        assert shop.requester("pricing").request("x") == "price"
+        assert sorted(shop.scatterer("quotes").scatter("x").bodies) == ["a", "b"]
+        assert sidecar.stats.denied == 3 and sidecar.stats.received == 1
+        assert replier.stats.denied == 1 and replier.stats.requests == 1
+        assert sum(m.stats.denied for m in members) == 2

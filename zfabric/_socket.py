@@ -188,6 +188,18 @@ def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
     return frames
 
 
+def recv_frames_with_user(sock: zmq.Socket[Any], flags: int = 0) -> tuple[list[bytes], str | None]:
+    """One message and the name its sender's CURVE key was accepted under (User-Id), or None without CURVE."""
+    first = sock.recv(flags, copy=False)
+    frames = [first.bytes]
+    frame = first
+    while frame.more:
+        frame = sock.recv(0, copy=False)
+        frames.append(frame.bytes)
+    who = first.get("User-Id")
+    return frames, who if isinstance(who, str) and who else None
+
+
 class SocketOwner:
     """Base of every pattern object: owns one socket and, if it made it, the context.
 

@@ -27,7 +27,14 @@ from .. import codec
 from .._counters import CounterSet
 from .._logs import Throttled
 from .._process import ChildProcess
-from .._socket import AnyContext, context_for, open_socket, recv_frames, send_frames
+from .._socket import (
+    AnyContext,
+    context_for,
+    open_socket,
+    recv_frames,
+    recv_frames_with_user,
+    send_frames,
+)
 from ..endpoint import Endpoint
 from ..errors import ConfigError, FabricError
 from ..options import (
@@ -163,15 +170,7 @@ class Forwarder:
         """One message and, when permissions apply, the name of the key that sent it."""
         if self.permissions is None:
             return recv_frames(sock, zmq.NOBLOCK), None
-        first = sock.recv(zmq.NOBLOCK, copy=False)
-        frames = [first.bytes]
-        more = first.more
-        while more:
-            frame = sock.recv(0, copy=False)
-            frames.append(frame.bytes)
-            more = frame.more
-        who = first.get("User-Id")
-        return frames, who if isinstance(who, str) else None
+        return recv_frames_with_user(sock, zmq.NOBLOCK)
 
     def _may(self, action: str, who: str | None, topic: bytes) -> bool:
         """Whether key `who` may publish to / subscribe to `topic` now (a revoked key may do nothing)."""

@@ -34,11 +34,12 @@ from .._socket import (
     has_message,
     open_socket,
     recv_frames,
+    recv_frames_with_user,
     send_frames,
 )
 from ..endpoint import Endpoint, EndpointArg, parse_many
 from ..envelope import Envelope, IdSource, Kind
-from ..errors import ClosedError, EncodeError, FabricError
+from ..errors import ClosedError, ConfigError, EncodeError, FabricError
 from ..options import (
     DEFAULT_REQUEST_RETRIES,
     DEFAULT_REQUEST_TIMEOUT,
@@ -46,6 +47,7 @@ from ..options import (
     SocketOptions,
     Unset,
 )
+from ..security.permissions import Permissions
 from ._flows import RequestCounters, RequestFlow
 
 log = logging.getLogger("zfabric.reqrep")
@@ -78,6 +80,8 @@ class ReplierCounters(Counters):
     expired: int = 0
     invalid: int = 0
     undeliverable: int = 0
+    denied: int = 0
+    """Requests dropped because their key may not use this service."""
 
 
 class _ReplierBase(SocketOwner):
@@ -95,17 +99,23 @@ class _ReplierBase(SocketOwner):
         name: str = "",
         options: SocketOptions | None = None,
         context: AnyContext | None = None,
+        permissions: Permissions | None = None,
     ) -> None:
         super().__init__(parse_many(endpoints, bind=bind, default_bind=True), options=options, context=context)
+        if permissions is not None and (self.options.curve is None or not name):
+            raise ConfigError("replier permissions need CURVE (a key identifies each client) and a name (the service "
+                              "the rules grant)")
         self.handler = handler
         self.name = name
+        self.permissions = permissions
+        """Which keys may use this service (`name`); None: every key the allowlist lets in."""
         self.stats = ReplierCounters()
         self._ids = IdSource()
         self._bad_log = Throttled(log)
         self._stop = threading.Event()
 
-    def _parse(self, frames: list[bytes]) -> tuple[list[bytes], Envelope] | None:
-        """(routing prefix, request) for a valid request; None (counted) otherwise."""
+    def _parse(self, frames: list[bytes], who: str | None = None) -> tuple[list[bytes], Envelope] | None:
+        """(routing prefix, request) for a valid request a permitted key sent; None (counted) otherwise."""
         if len(frames) >= 4 and frames[1] == b"":
             route, payload = frames[:2], frames[2:]
         else:
@@ -116,6 +126,11 @@ class _ReplierBase(SocketOwner):
         if env.kind is not Kind.REQUEST:
             self.stats.invalid += 1
             self._bad_log.warning("kind", "replier %s: ignored a %s envelope (expected a request)", self.endpoint, env.kind.name)
+            return None
+        if self.permissions is not None and not self.permissions.may_use_service(who, self.name):
+            self.stats.denied += 1
+            self._bad_log.warning(f"denied|{who}", "replier %s: key %s may not use service %r; request dropped",
+                                  self.endpoint, who, self.name)
             return None
         self.stats.requests += 1
         return route, env
@@ -157,9 +172,9 @@ class _ReplierBase(SocketOwner):
 class Replier(_ReplierBase):
     """Serves requests with a handler, one at a time, in the thread that calls serve()."""
 
-    def handle_one(self, frames: list[bytes]) -> None:
-        """Answer one received message (or count why not)."""
-        parsed = self._parse(frames)
+    def handle_one(self, frames: list[bytes], who: str | None = None) -> None:
+        """Answer one received message from key `who` (or count why not)."""
+        parsed = self._parse(frames, who)
         if parsed is None:
             return
         route, request = parsed
@@ -180,16 +195,17 @@ class Replier(_ReplierBase):
         self._check_open()
         sock = self._sock
         handled = 0
+        checked = self.permissions is not None
         # A blocking receive with a timeout wakes up faster than poll-then-receive, and
         # the timeout lets stop() be noticed within 100 ms.
         sock.setsockopt(zmq.RCVTIMEO, 100)
         try:
             while not self._stop.is_set() and (max_requests is None or handled < max_requests):
                 try:
-                    frames = recv_frames(sock)
+                    frames, who = recv_frames_with_user(sock) if checked else (recv_frames(sock), None)
                 except zmq.Again:
                     continue
-                self.handle_one(frames)
+                self.handle_one(frames, who)
                 handled += 1
         finally:
             sock.setsockopt(zmq.RCVTIMEO, -1)
@@ -256,9 +272,10 @@ class AsyncReplier(_ReplierBase):
             while not self._stop.is_set() and (max_requests is None or handled < max_requests):
                 if not await self._sock.poll(100, zmq.POLLIN):
                     continue
-                frames = await self._sock.recv_multipart()
+                raw = await self._sock.recv_multipart(copy=False)
                 handled += 1
-                parsed = self._parse(frames)
+                who = raw[0].get("User-Id") if self.permissions is not None else None
+                parsed = self._parse([f.bytes for f in raw], who if isinstance(who, str) else None)
                 if parsed is None:
                     continue
                 await self._limit.acquire()

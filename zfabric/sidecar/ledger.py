@@ -35,6 +35,7 @@ class SidecarCounters(CounterSet):
     leases_expired: int = 0
     replayed: int = 0
     decode_errors: int = 0
+    denied: int = 0
     in_flight: int = 0
     ready: int = 0
     delayed: int = 0

@@ -25,6 +25,7 @@ from .._socket import (
     open_socket,
     readable,
     recv_frames,
+    recv_frames_with_user,
     send_frames,
     warn_exposed,
 )
@@ -32,6 +33,7 @@ from ..endpoint import Endpoint
 from ..envelope import Envelope
 from ..errors import ConfigError, DecodeError, FabricError
 from ..options import DEFAULT_OPTIONS, SocketOptions
+from ..security.permissions import Permissions
 from . import protocol as p
 from .config import DEFAULT_SIDECAR_ENDPOINT, SidecarConfig
 from .ledger import Lease, Ledger
@@ -67,6 +69,7 @@ class Sidecar:
         config: SidecarConfig | None = None,
         options: SocketOptions | None = None,
         context: zmq.Context | None = None,
+        permissions: Permissions | None = None,
         **settings: Any,
     ) -> None:
         if config is None:
@@ -75,6 +78,12 @@ class Sidecar:
             config = SidecarConfig(store=store, queues=queues, endpoint=endpoint, **settings)
         self.config = config
         self.options = options if options is not None else DEFAULT_OPTIONS
+        if permissions is not None and self.options.curve is None:
+            raise ConfigError("sidecar permissions need CURVE: a client's key is what identifies it")
+        self.permissions = permissions
+        """Which keys may send to and take from which queues; None: every key the allowlist lets in."""
+        self._senders: list[str | None] = []
+        self._who_sent: str | None = None
         self._ctx = context
         self.ledger = Ledger(config.policies, lease_timeout=config.lease_timeout, cache_limit=config.cache_limit)
         self.stats = self.ledger.stats
@@ -195,9 +204,22 @@ class Sidecar:
         batch: list[list[bytes]] = []
         if not readable(sock, self._wait_ms()):
             return batch
+        if self.permissions is None:
+            while len(batch) < DRAIN_LIMIT and has_message(sock):
+                batch.append(recv_frames(sock, _NOBLOCK))
+            return batch
+        self._senders.clear()
         while len(batch) < DRAIN_LIMIT and has_message(sock):
-            batch.append(recv_frames(sock, _NOBLOCK))
+            frames, who = recv_frames_with_user(sock, _NOBLOCK)
+            batch.append(frames)
+            self._senders.append(who)
         return batch
+
+    def _denied(self, who: str | None, what: str) -> str:
+        self.ledger.stats.denied += 1
+        reason = f"key {who} may not {what}"
+        _bad.warning(f"denied|{who}|{what}", "sidecar %s: %s", self.endpoint, reason)
+        return reason
 
     def _pass(self, store: Store, sock: zmq.Socket, batch: list[list[bytes]], *, purge: bool = False) -> None:
         now, mono = time.time(), time.monotonic()
@@ -207,7 +229,9 @@ class Sidecar:
         led = self.ledger
         store.begin()
         try:
-            for frames in batch:
+            senders = self._senders if self.permissions is not None else None
+            for i, frames in enumerate(batch):
+                self._who_sent = senders[i] if senders is not None and i < len(senders) else None
                 try:
                     self._handle(store, frames, now, mono, replies, confirms, rejects)
                 except DecodeError as exc:
@@ -326,6 +350,9 @@ class Sidecar:
                                 p.pack(f"sidecar {self.endpoint} does not serve queue {queue!r}; it serves: "
                                        f"{', '.join(led.books)}")])
                 return
+            if self.permissions is not None and not self.permissions.may_use_queue(self._who_sent, queue):
+                replies.append([route, p.CONTROL_ERROR, p.pack(self._denied(self._who_sent, f"take from queue {queue!r}"))])
+                return
             led.announce(m["worker"], route, str(m.get("name", "")), queue, window, mono)
         elif cmd == p.BYE:
             m = p.unpack_map(frames[1:], "BYE", ("worker",))
@@ -336,6 +363,10 @@ class Sidecar:
                 lease.inflight.clear()
         elif cmd == p.CONTROL:
             m = p.unpack_map(frames[1:], "CTL", ("op",))
+            if self.permissions is not None and not self.permissions.may_use_queue(self._who_sent, "*"):
+                replies.append([route, p.CONTROL_ERROR,
+                                p.pack(self._denied(self._who_sent, "control this sidecar (it needs queues: ['*'])"))])
+                return
             try:
                 replies.append([route, p.CONTROL_REPLY, p.pack(self._control(store, m, now))])
             except (ConfigError, KeyError, TypeError) as exc:
@@ -363,6 +394,9 @@ class Sidecar:
                 led.stats.rejected += 1
                 rejects.setdefault(route, []).append(
                     [env.id, f"queue {env.topic!r} is not served by this sidecar (it serves: {', '.join(led.books)})"])
+                continue
+            if self.permissions is not None and not self.permissions.may_use_queue(self._who_sent, env.topic):
+                rejects.setdefault(route, []).append([env.id, self._denied(self._who_sent, f"send to queue {env.topic!r}")])
                 continue
             expires = env.deadline
             if book.policy.ttl is not None:

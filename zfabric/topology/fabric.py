@@ -27,6 +27,7 @@ from ..patterns.reqrep import AsyncReplier, AsyncRequester, Replier, Requester
 from ..patterns.scatter import AsyncScatterer, Scatterer
 from ..patterns.worker import AsyncWorker, Worker
 from ..security.curve import Curve
+from ..security.permissions import Permissions
 from ..security.zap import Allowlist
 from ..sidecar.service import Sidecar
 from .load import load_topology
@@ -106,6 +107,9 @@ class Fabric:
                               f"Fabric.from_topology(path, identity=NAME) or {IDENTITY_VAR}=NAME "
                               f"(its secret NAME.key_secret goes in {sec.secrets})")
         return options.replace(curve=Curve(sec.secret_key(self.identity), server_key=sec.public_key(key).public))
+
+    def _permissions(self) -> Permissions | None:
+        return self.topology.security.permissions if self.topology.security is not None else None
 
     # ---- queues -------------------------------------------------------------------------
 
@@ -234,6 +238,7 @@ class Fabric:
         ensure_ipc_dir(spec.address)
         kw = self._common(self.topology.options_for(spec), kwargs, ("services", service), server=True)
         kw.setdefault("name", service)
+        kw.setdefault("permissions", self._permissions())
         return self._keep((AsyncReplier if asyncio else Replier)(spec.address, handler, bind=True, **kw))
 
     @overload
@@ -266,7 +271,9 @@ class Fabric:
         address = self._get(f"member of group {group!r} named", spec.members, member)
         ensure_ipc_dir(address)
         kw = self._common(self.topology.options_for(spec), kwargs, ("groups", group), server=True)
-        kw.setdefault("name", member)
+        # Named after its group: the group is what permission rules grant, and what logs show.
+        kw.setdefault("name", group)
+        kw.setdefault("permissions", self._permissions())
         return self._keep((AsyncReplier if asyncio else Replier)(address, handler, bind=True, **kw))
 
     # ---- infrastructure in-process (`zfabric up` runs these as processes) ----------------
@@ -277,8 +284,8 @@ class Fabric:
         ensure_ipc_dir(spec.xsub)
         ensure_ipc_dir(spec.xpub)
         options = self._secured(self.topology.options_for(spec), ("forwarders", name), server=True)
-        permissions = self.topology.security.permissions if self.topology.security is not None else None
-        return self._keep(Forwarder(spec.xsub, spec.xpub, options=options, context=self._context, permissions=permissions))
+        return self._keep(Forwarder(spec.xsub, spec.xpub, options=options, context=self._context,
+                                    permissions=self._permissions()))
 
     def sidecar(self, name: str) -> Sidecar:
         """The sidecar `name` with its queues and policies, not started: call start() or run()."""
@@ -286,7 +293,7 @@ class Fabric:
         ensure_ipc_dir(config.endpoint)
         Path(config.store).parent.mkdir(parents=True, exist_ok=True)
         options = self._secured(self.topology.options, ("sidecars", name), server=True)
-        return self._keep(Sidecar(config=config, options=options, context=self._context))
+        return self._keep(Sidecar(config=config, options=options, context=self._context, permissions=self._permissions()))
 
     # ---- lifetime -----------------------------------------------------------------------
 
