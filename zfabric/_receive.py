@@ -18,7 +18,7 @@ import zmq
 from . import codec
 from ._counters import Counters
 from ._logs import Throttled
-from ._socket import SocketOwner, readable, recv_frames
+from ._socket import SocketOwner, peer_of, readable, recv_frames_first
 from .envelope import Envelope
 from .errors import DecodeError, ReceiveTimeout
 
@@ -26,7 +26,22 @@ log = logging.getLogger("zfabric")
 
 
 _bad_input = Throttled(log)
+MAX_PEERS_COUNTED = 1024
+"""Distinct senders of bad input counted one by one; beyond that they are counted together as "others"."""
 _NOBLOCK = int(zmq.NOBLOCK)
+
+
+def count_bad(exc: DecodeError, stats: Counters, who: str, peer: str | None = None,
+              by_peer: dict[str, int] | None = None) -> None:
+    """Count one undecodable message (also per `peer` in `by_peer`) and log it, at most once per interval
+    per receiver and peer: a hostile sender cannot flood the log."""
+    stats.decode_errors += 1
+    if peer is None or by_peer is None:
+        _bad_input.warning(who, "%s: %s", who, exc)
+        return
+    key = peer if peer in by_peer or len(by_peer) < MAX_PEERS_COUNTED else "others"
+    by_peer[key] = by_peer.get(key, 0) + 1
+    _bad_input.warning(f"{who}|{peer}", "%s: from %s: %s", who, peer, exc)
 
 
 def decode_counted(frames: Sequence[bytes], stats: Counters, who: str,
@@ -35,8 +50,7 @@ def decode_counted(frames: Sequence[bytes], stats: Counters, who: str,
     try:
         env = decode(frames)
     except DecodeError as exc:
-        stats.decode_errors += 1
-        _bad_input.warning(who, "%s: %s", who, exc)
+        count_bad(exc, stats, who)
         return None
     stats.received += 1
     return env
@@ -54,15 +68,33 @@ class Inbox(SocketOwner):
     _batches = False
     """Point-to-point receivers also accept batches (many envelopes in one ZeroMQ message)."""
 
-    def _accept(self, frames: list[bytes]) -> Envelope | None:
-        """The envelope in `frames`, or None (counted and logged) when they are not one."""
-        if self._batches and len(frames) == 2 and frames[0][:3] == codec.BATCH_PREFIX:
-            return self._accept_batch(frames)
-        env = decode_counted(frames, self.stats, self._who, self._decode)
-        return None if env is None else self._after_accept(env)
+    bad_peers: dict[str, int]
+    """Undecodable messages per sender (its key's name with CURVE, else its IP address)."""
 
-    def _accept_batch(self, frames: list[bytes]) -> Envelope | None:
-        envs = decode_counted(frames, self.stats, self._who, codec.decode_batch)
+    def _accept(self, frames: list[bytes], first: zmq.Frame | None = None) -> Envelope | None:
+        """The envelope in `frames`, or None (counted per sender and logged) when they are not one."""
+        if self._batches and len(frames) == 2 and frames[0][:3] == codec.BATCH_PREFIX:
+            return self._accept_batch(frames, first)
+        try:
+            env = self._decode(frames)
+        except DecodeError as exc:
+            self._refuse(exc, first)
+            return None
+        self.stats.received += 1
+        return self._after_accept(env)
+
+    def _refuse(self, exc: DecodeError, first: zmq.Frame | None) -> None:
+        if not hasattr(self, "bad_peers"):
+            self.bad_peers = {}
+        count_bad(exc, self.stats, self._who, peer_of(first), self.bad_peers)
+
+    def _accept_batch(self, frames: list[bytes], first: zmq.Frame | None = None) -> Envelope | None:
+        try:
+            envs = codec.decode_batch(frames)
+        except DecodeError as exc:
+            self._refuse(exc, first)
+            return None
+        self.stats.received += 1
         if not envs:
             return None
         self.stats.received += len(envs) - 1
@@ -74,6 +106,11 @@ class Inbox(SocketOwner):
     def _after_accept(self, env: Envelope) -> Envelope | None:
         """Hook for patterns that look at each envelope (sequence gaps, control topics)."""
         return env
+
+
+def _frames_of(message: list[zmq.Frame]) -> tuple[list[bytes], zmq.Frame]:
+    """The bytes of an asyncio multipart receive, and its first frame (for `peer_of`)."""
+    return [f.bytes for f in message], message[0]
 
 
 def _remaining_ms(deadline: float) -> int:
@@ -93,14 +130,14 @@ class SyncInbox(Inbox):
         sock = self._sock
         if timeout is None:
             while True:
-                env = self._accept(recv_frames(sock))
+                env = self._accept(*recv_frames_first(sock))
                 if env is not None:
                     return env
         deadline = time.monotonic() + timeout
         while True:
             if not readable(sock, _remaining_ms(deadline)):
                 raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}")
-            env = self._accept(recv_frames(sock, _NOBLOCK))
+            env = self._accept(*recv_frames_first(sock, _NOBLOCK))
             if env is not None:
                 return env
 
@@ -122,14 +159,14 @@ class AsyncInbox(Inbox):
         sock = self._sock
         if timeout is None:
             while True:
-                env = self._accept(await sock.recv_multipart())
+                env = self._accept(*_frames_of(await sock.recv_multipart(copy=False)))
                 if env is not None:
                     return env
         deadline = time.monotonic() + timeout
         while True:
             if not await sock.poll(_remaining_ms(deadline), zmq.POLLIN):
                 raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}")
-            env = self._accept(await sock.recv_multipart(zmq.NOBLOCK))
+            env = self._accept(*_frames_of(await sock.recv_multipart(zmq.NOBLOCK, copy=False)))
             if env is not None:
                 return env
 

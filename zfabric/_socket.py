@@ -188,16 +188,44 @@ def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
     return frames
 
 
-def recv_frames_with_user(sock: zmq.Socket[Any], flags: int = 0) -> tuple[list[bytes], str | None]:
-    """One message and the name its sender's CURVE key was accepted under (User-Id), or None without CURVE."""
+def recv_frames_first(sock: zmq.Socket[Any], flags: int = 0) -> tuple[list[bytes], zmq.Frame]:
+    """One message, and its first frame, whose properties say who sent it (see `peer_of`)."""
     first = sock.recv(flags, copy=False)
     frames = [first.bytes]
     frame = first
     while frame.more:
         frame = sock.recv(0, copy=False)
         frames.append(frame.bytes)
-    who = first.get("User-Id")
-    return frames, who if isinstance(who, str) and who else None
+    return frames, first
+
+
+def user_of(frame: zmq.Frame) -> str | None:
+    """The name the sender's CURVE key was accepted under (User-Id), or None without CURVE."""
+    try:
+        who = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return who if isinstance(who, str) and who else None
+
+
+def peer_of(frame: zmq.Frame | None) -> str:
+    """Who sent a message, for counting and logs: its key's name with CURVE, else its IP address, else "?"."""
+    if frame is None:
+        return "?"
+    who = user_of(frame)
+    if who is not None:
+        return f"key {who}"
+    try:
+        address = frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return "?"
+    return str(address) if address else "local peer"
+
+
+def recv_frames_with_user(sock: zmq.Socket[Any], flags: int = 0) -> tuple[list[bytes], str | None]:
+    """One message and the name its sender's CURVE key was accepted under (User-Id), or None without CURVE."""
+    frames, first = recv_frames_first(sock, flags)
+    return frames, user_of(first)
 
 
 class SocketOwner:

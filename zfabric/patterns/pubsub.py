@@ -26,7 +26,7 @@ import zmq
 from .. import codec
 from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
-from .._socket import AnyContext, SocketOwner, recv_frames, send_frames
+from .._socket import AnyContext, SocketOwner, recv_frames_first, send_frames
 from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource, Kind
 from ..errors import ConfigError, ReadyTimeout
@@ -241,12 +241,12 @@ class _SubscriberBase(Inbox):
         self._sock.setsockopt(zmq.UNSUBSCRIBE, codec.validate_topic(topic))
         self.topics.remove(topic)
 
-    def _accept(self, frames: list[bytes]) -> Envelope | None:
+    def _accept(self, frames: list[bytes], first: zmq.Frame | None = None) -> Envelope | None:
         if frames[0][:1] == codec.CONTROL_PREFIX:
             if frames[0].startswith(codec.PROBE_PREFIX):
                 self._probes_seen.add(frames[0])
             return None
-        return super()._accept(frames)
+        return super()._accept(frames, first)
 
     def _after_accept(self, env: Envelope) -> Envelope:
         seq = env.seq
@@ -286,7 +286,7 @@ class Subscriber(_SubscriberBase, SyncInbox):
             while probe not in self._probes_seen:
                 if not self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
                     raise ReadyTimeout(f"subscriptions not confirmed within {timeout:g} s by {self.endpoint}")
-                env = self._accept(recv_frames(self._sock, zmq.NOBLOCK))
+                env = self._accept(*recv_frames_first(self._sock, zmq.NOBLOCK))
                 if env is not None:
                     self._pending.append(env)
         finally:
@@ -305,7 +305,8 @@ class AsyncSubscriber(_SubscriberBase, AsyncInbox):
             while probe not in self._probes_seen:
                 if not await self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
                     raise ReadyTimeout(f"subscriptions not confirmed within {timeout:g} s by {self.endpoint}")
-                env = self._accept(await self._sock.recv_multipart(zmq.NOBLOCK))
+                raw = await self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                env = self._accept([f.bytes for f in raw], raw[0])
                 if env is not None:
                     self._pending.append(env)
         finally:

@@ -36,6 +36,7 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _ZAP_VERSION = b"1.0"
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_WATCHED = _HANDSHAKE_FAILED | zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 _monitor_ids = itertools.count()
 _SELF_CHECK = b"zfabric-self-check"
 """Request id of the start-up probe (answered like any request, but not counted or logged)."""
@@ -133,7 +134,8 @@ class ZapHandler:
         self._bound = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="zfabric-zap", daemon=True)
-        self._watch_queue: list[tuple[str, str]] = []
+        self._watch_queue: list[tuple[zmq.Socket, str]] = []
+        self._tally: dict[zmq.Socket, list[int]] = {}
 
     def start(self) -> ZapHandler:
         self._thread.start()
@@ -161,10 +163,8 @@ class ZapHandler:
         try:
             while True:
                 while self._watch_queue:
-                    address, where = self._watch_queue.pop()
-                    mon = zmq.Socket(self.context, zmq.PAIR)
-                    mon.linger = 0
-                    mon.connect(address)
+                    with _registry_lock:
+                        mon, where = self._watch_queue.pop()
                     poller.register(mon, zmq.POLLIN)
                     monitors[mon] = where
                 for ready, _ in poller.poll(100):
@@ -185,18 +185,45 @@ class ZapHandler:
     def watch(self, server: zmq.Socket, where: str) -> None:
         """Count and log failed handshakes on a CURVE server socket (no key, garbage, a refused key)."""
         address = f"inproc://zfabric-handshakes-{next(_monitor_ids)}"
-        server.monitor(address, _HANDSHAKE_FAILED)
-        self._watch_queue.append((address, where))
+        server.monitor(address, _WATCHED)
+        # Connected here, before the server binds, so no event is lost; the handler thread takes the
+        # socket over through the queue (a lock-protected hand-over is the memory barrier libzmq asks for).
+        mon = zmq.Socket(self.context, zmq.PAIR)
+        mon.linger = 0
+        mon.connect(address)
+        with _registry_lock:
+            self._watch_queue.append((mon, where))
 
     def _handshake_event(self, mon: zmq.Socket, where: str) -> bool:
-        """Handle one monitor event; False once the watched socket has closed."""
+        """Handle one monitor event; False once the watched socket has closed.
+
+        A connection that closes before any handshake outcome (raw bytes that are not ZMTP,
+        a port scanner) produces no handshake event; it is found by counting: more accepted
+        connections than handshake outcomes when one disconnects.
+        """
         event = parse_monitor_message(mon.recv_multipart())
-        if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+        kind_of = int(event["event"])
+        if kind_of == zmq.EVENT_MONITOR_STOPPED:
+            self._tally.pop(mon, None)
             return False
+        tally = self._tally.setdefault(mon, [0, 0, 0])  # accepted, settled, closed early
+        if kind_of == zmq.EVENT_ACCEPTED:
+            tally[0] += 1
+            return True
+        if kind_of == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            tally[1] += 1
+            return True
+        if kind_of == zmq.EVENT_DISCONNECTED:
+            if tally[0] <= tally[1] + tally[2]:
+                return True
+            tally[2] += 1
+            kind = "closed before a handshake (not ZeroMQ, or garbage)"
+        else:
+            tally[1] += 1
+            kind = {int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "refused by the authenticator",
+                    int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "not a CURVE handshake (no key, or not ZeroMQ)"}.get(
+                        kind_of, "failed")
         self.stats.handshake_failures += 1
-        kinds: dict[int, str] = {int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "refused by the authenticator",
-                                 int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "not a CURVE handshake (no key, or not ZeroMQ)"}
-        kind = kinds.get(int(event["event"]), "failed")
         endpoint = event.get("endpoint", b"")
         where = (endpoint.decode("utf-8", "replace") if isinstance(endpoint, bytes) else str(endpoint)) or where
         self._denied_log.warning(f"handshake|{where}|{kind}", "handshake on %s %s", where, kind)
