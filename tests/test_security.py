@@ -39,7 +39,7 @@ from zfabric.security.keys import generate, load_pair, load_public
 from zfabric.security.zap import Allowlist, zap_stats
 from zfabric.topology.load import load_topology
 
-from .conftest import ROOT, wait_until
+from .conftest import ROOT, free_tcp_ports, wait_until
 
 PARTS = ["events", "store", "mail", "pricing", "quotes"]
 CLIENTS = ["shop", "reader", "writer"]
@@ -58,6 +58,9 @@ class Secured:
 
 @pytest.fixture
 def secured(tmp_path: Path, ipc_dir: Path) -> Secured:
+    """A CURVE fabric over tcp on free ports (raw TCP garbage is one of the outsiders)."""
+    p = iter(free_tcp_ports(7))
+    ports = {k: next(p) for k in ("xsub", "xpub", "store", "mail", "pricing", "a", "b")}
     keys, outsider = tmp_path / "keys", tmp_path / "outsider"
     for name in PARTS + CLIENTS:
         generate(name, keys)
@@ -65,21 +68,21 @@ def secured(tmp_path: Path, ipc_dir: Path) -> Secured:
     path = tmp_path / "secure.yaml"
     path.write_text(f"""\
 name: secure
-defaults: {{transport: ipc, ipc_dir: "{ipc_dir}", linger_ms: 200, request_timeout: 0.5, request_retries: 0}}
+defaults: {{ipc_dir: "{ipc_dir}", linger_ms: 200, request_timeout: 0.5, request_retries: 0}}
 security:
   keys: keys
   permissions:
     shop: {{publish: [sales], subscribe: [sales], queues: ["*"], services: ["*"]}}
     writer: {{publish: [sales, audit]}}
     reader: {{subscribe: [sales]}}
-forwarders: {{events: {{}}}}
+forwarders: {{events: {{xsub: "127.0.0.1:{ports['xsub']}", xpub: "127.0.0.1:{ports['xpub']}"}}}}
 topics: {{sales: {{}}, audit: {{}}}}
-sidecars: {{store: {{store: state/store.db}}}}
+sidecars: {{store: {{address: "127.0.0.1:{ports['store']}", store: state/store.db}}}}
 queues:
   jobs: {{sidecar: store, max_attempts: 2, backoff_base: 0.05}}
-  mail: {{}}
-services: {{pricing: {{}}}}
-groups: {{quotes: {{members: [a, b], quorum: 2, deadline: 0.5}}}}
+  mail: {{address: "127.0.0.1:{ports['mail']}"}}
+services: {{pricing: {{address: "127.0.0.1:{ports['pricing']}"}}}}
+groups: {{quotes: {{members: {{a: "127.0.0.1:{ports['a']}", b: "127.0.0.1:{ports['b']}"}}, quorum: 2, deadline: 0.5}}}}
 """)
     return Secured(path, keys, outsider, ipc_dir)
 
@@ -91,10 +94,9 @@ def intruder_options(secured: Secured, server: str) -> SocketOptions:
 
 
 def garbage_to(address: str) -> None:
-    """Raw bytes at a listening socket: what a scanner or a confused client sends."""
-    path = address[len("ipc://"):]
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(path)
+    """Raw bytes over a plain TCP connection: what a scanner or a confused client sends."""
+    host, port = address[len("tcp://"):].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(512))
         time.sleep(0.05)
 
@@ -146,7 +148,9 @@ def test_plain_queue_lets_only_the_known_key_in(secured: Secured, caplog: pytest
     assert "closed before a handshake (not ZeroMQ, or garbage)" in text
 
 
-def test_request_reply_and_scatter_gather_serve_only_known_keys(secured: Secured) -> None:
+def test_request_reply_and_scatter_gather_serve_only_known_keys(secured: Secured,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="zfabric.security")
     with secured.fabric() as fabric:
         replier = fabric.replier("pricing", lambda env: {"price": 9.5, "for": env.body}).start()
         members = [fabric.member("quotes", m, lambda env, m=m: m).start() for m in ("a", "b")]
@@ -173,11 +177,17 @@ def test_request_reply_and_scatter_gather_serve_only_known_keys(secured: Secured
         assert all(sorted(r.bodies) == ["a", "b"] for r in rounds)
         assert replier.stats.received == 100  # no intruder request ever reached the handler
         assert sum(m.stats.received for m in members) == 10
+        for address in (pricing, fabric.topology.groups["quotes"].members["a"]):
+            assert wait_until(lambda address=address: all(
+                f"handshake on {address} {kind}" in caplog.text
+                for kind in ("refused by the authenticator", "not a CURVE handshake", "closed before a handshake")),
+                timeout=5), caplog.text
 
 
-def test_reliable_queue_sidecar_takes_only_known_keys(secured: Secured) -> None:
+def test_reliable_queue_sidecar_takes_only_known_keys(secured: Secured, caplog: pytest.LogCaptureFixture) -> None:
     from zfabric import ReliableProducer, Unconfirmed
 
+    caplog.set_level(logging.WARNING, logger="zfabric.security")
     with secured.fabric() as fabric:
         sidecar = fabric.sidecar("store").start()
         endpoint = sidecar.endpoint
@@ -201,6 +211,8 @@ def test_reliable_queue_sidecar_takes_only_known_keys(secured: Secured) -> None:
         assert done.wait(15)
         assert sorted(handled) == list(range(100))
         assert sidecar.stats.received == 100
+        assert wait_until(lambda: all(f"handshake on {endpoint} {kind}" in caplog.text for kind in (
+            "refused by the authenticator", "not a CURVE handshake", "closed before a handshake")), timeout=5), caplog.text
 
 
 def test_topic_permissions_are_enforced_by_the_forwarder(secured: Secured) -> None:

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,23 +20,9 @@ import zmq
 
 from zfabric.topology.fabric import Fabric
 
-from .conftest import ROOT, Processes, wait_until
+from .conftest import ROOT, Processes, free_tcp_ports, wait_until
 
 SERVICES = "topologies/shop/services.py"
-
-
-def free_tcp_ports(n: int) -> list[int]:
-    """n distinct ports the OS reports free right now (held together, so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def shop_copy(tmp_path: Path, ipc_dir: Path) -> Path:
