@@ -495,3 +495,24 @@ def test_queue_and_service_rights_are_enforced_per_key(secured: Secured) -> None
         assert sidecar.stats.denied == 3 and sidecar.stats.received == 1
         assert replier.stats.denied == 1 and replier.stats.requests == 1
         assert sum(m.stats.denied for m in members) == 2
+
+
+def test_sidecar_tools_speak_curve_through_the_topology(secured: Secured) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    with secured.fabric("shop") as shop:
+        shop.sidecar("store").start()
+        shop.producer("jobs").send({"n": 1}, timeout=5)
+        args = ["--topology", str(secured.path)]
+        stats = runner.invoke(app, ["sidecar", "stats", *args, "--json"], env={"ZFABRIC_IDENTITY": "shop"})
+        assert stats.exit_code == 0, stats.output
+        assert json.loads(stats.output)["counters"]["received"] == 1
+        listed = runner.invoke(app, ["dlq", "list", *args, "--json"], env={"ZFABRIC_IDENTITY": "shop"})
+        assert listed.exit_code == 0, listed.output
+        refused = runner.invoke(app, ["dlq", "list", *args], env={"ZFABRIC_IDENTITY": "reader"})
+        assert refused.exit_code == 1 and "key reader may not control this sidecar" in refused.output
+        nobody = runner.invoke(app, ["sidecar", "stats", *args], env={"ZFABRIC_IDENTITY": ""})
+        assert nobody.exit_code == 1 and "say which key this service connects with" in nobody.output

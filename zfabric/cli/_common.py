@@ -117,3 +117,14 @@ def topology_part(path: Any, kind: str, name: str | None) -> tuple[Any, str]:
             raise ConfigError(f"{path} declares {len(table)} {kind}s ({', '.join(table) or 'none'}); choose one with --name")
         name = next(iter(table))
     return fabric, name
+
+
+def sidecar_client(topology: Any, name: str | None, timeout: float = 5.0) -> Any:
+    """A SidecarClient for a topology's sidecar: its address and, when the fabric uses CURVE, this tool's key
+    ($ZFABRIC_IDENTITY) and the sidecar's public key."""
+    from ..sidecar.client import SidecarClient
+
+    fabric, name = topology_part(topology, "sidecar", name)
+    config = fabric.topology.sidecars[name]
+    options = fabric.client_options(("sidecars", name))
+    return SidecarClient(config.endpoint, timeout=timeout, options=options)

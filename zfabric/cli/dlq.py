@@ -32,7 +32,7 @@ from ..sidecar.client import (
 )
 from ..sidecar.config import DEFAULT_SIDECAR_ENDPOINT
 from ..sidecar.store import DeadLetterFilter, MessageRecord
-from ._common import dumps, fabric_errors
+from ._common import dumps, fabric_errors, sidecar_client
 
 app = typer.Typer(help="Inspect and replay dead letters (against a running sidecar, or its --store file).",
                   no_args_is_help=True)
@@ -40,6 +40,10 @@ app = typer.Typer(help="Inspect and replay dead letters (against a running sidec
 EndpointOpt = Annotated[str | None, typer.Option("--endpoint", "-e", envvar="ZFABRIC_SIDECAR",
                                                  help=f"A running sidecar's address [default: {DEFAULT_SIDECAR_ENDPOINT}].")]
 StoreOpt = Annotated[Path | None, typer.Option(help="The store file of a stopped sidecar (instead of --endpoint).")]
+TopologyOpt = Annotated[Path | None, typer.Option(
+    help="Find the sidecar in this topology file: its address and, with CURVE, its key (this tool connects as "
+         "$ZFABRIC_IDENTITY, which needs queues: ['*']).")]
+SidecarOpt = Annotated[str | None, typer.Option("--sidecar", help="With --topology: which sidecar, when it declares several.")]
 QueueOpt = Annotated[str | None, typer.Option("--queue", "-q", help="Only this queue.")]
 ErrorOpt = Annotated[str | None, typer.Option("--error-type", help="Only this error type (e.g. ValueError, LeaseExpired).")]
 SinceOpt = Annotated[str | None, typer.Option(help="Dead-lettered at or after: ISO time (2026-11-26T10:00) or an age (30m, 2h, 1d).")]
@@ -77,10 +81,19 @@ def make_filter(queue: str | None, error_type: str | None, since: str | None, un
 
 
 @contextmanager
-def access(endpoint: str | None, store: Path | None) -> Iterator[DeadLetterAccess]:
-    """A running sidecar over its control endpoint, or the store file of a stopped one."""
-    if endpoint is not None and store is not None:
-        raise ConfigError("give --endpoint (a running sidecar) or --store (a stopped one's file), not both")
+def access(endpoint: str | None, store: Path | None, topology: Path | None = None,
+           sidecar: str | None = None) -> Iterator[DeadLetterAccess]:
+    """A running sidecar over its control endpoint (found in a topology, with its keys), or a stopped one's store."""
+    if sum(x is not None for x in (endpoint, store, topology)) > 1:
+        raise ConfigError("give one of --endpoint (a running sidecar), --topology (find it there) or --store "
+                          "(a stopped one's file)")
+    if topology is not None:
+        client = sidecar_client(topology, sidecar)
+        try:
+            yield client
+        finally:
+            client.close(0)
+        return
     if store is not None:
         with OfflineDeadLetters(store) as offline:
             yield offline
@@ -105,7 +118,8 @@ def _last_error(r: MessageRecord) -> str:
 
 @app.command("list")
 @fabric_errors
-def list_(endpoint: EndpointOpt = None, store: StoreOpt = None, queue: QueueOpt = None, error_type: ErrorOpt = None,
+def list_(endpoint: EndpointOpt = None, store: StoreOpt = None, topology: TopologyOpt = None,
+          sidecar: SidecarOpt = None, queue: QueueOpt = None, error_type: ErrorOpt = None,
           since: SinceOpt = None, until: UntilOpt = None, limit: Annotated[int, typer.Option(min=1)] = 100,
           as_json: JsonOpt = False) -> None:
     """List dead letters, oldest first.
@@ -113,7 +127,7 @@ def list_(endpoint: EndpointOpt = None, store: StoreOpt = None, queue: QueueOpt 
     Example:  zfabric dlq list --queue orders --since 1h
     """
     flt = make_filter(queue, error_type, since, until, None, limit)
-    with access(endpoint, store) as dl:
+    with access(endpoint, store, topology, sidecar) as dl:
         records = dl.dead_letters(flt, history=True)
         total = dl.count(DeadLetterFilter(queue=flt.queue, error_type=flt.error_type, since=flt.since, until=flt.until))
     if as_json:
@@ -132,12 +146,13 @@ def list_(endpoint: EndpointOpt = None, store: StoreOpt = None, queue: QueueOpt 
 @app.command()
 @fabric_errors
 def show(message_id: Annotated[str, typer.Argument(help="The message id, or a unique start or end of it (8+ hex digits).")],
-         endpoint: EndpointOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+         endpoint: EndpointOpt = None, store: StoreOpt = None, topology: TopologyOpt = None,
+          sidecar: SidecarOpt = None, as_json: JsonOpt = False) -> None:
     """Show one message: its original envelope, state, and every attempt with its error and traceback.
 
     Example:  zfabric dlq show 0000000000000008
     """
-    with access(endpoint, store) as dl:
+    with access(endpoint, store, topology, sidecar) as dl:
         record = dl.record(message_id)
     if record is None:
         raise ConfigError(f"no message {message_id!r} in the store (purged, acknowledged long ago, or never seen)")
@@ -162,7 +177,8 @@ def show(message_id: Annotated[str, typer.Argument(help="The message id, or a un
 
 @app.command()
 @fabric_errors
-def replay(endpoint: EndpointOpt = None, store: StoreOpt = None, queue: QueueOpt = None, error_type: ErrorOpt = None,
+def replay(endpoint: EndpointOpt = None, store: StoreOpt = None, topology: TopologyOpt = None,
+          sidecar: SidecarOpt = None, queue: QueueOpt = None, error_type: ErrorOpt = None,
            since: SinceOpt = None, until: UntilOpt = None, message_id: IdOpt = None,
            rate: Annotated[float | None, typer.Option(min=0.001, help="At most this many messages per second.")] = None,
            as_json: JsonOpt = False) -> None:
@@ -172,7 +188,7 @@ def replay(endpoint: EndpointOpt = None, store: StoreOpt = None, queue: QueueOpt
     """
     flt = make_filter(queue, error_type, since, until, message_id)
     replayed, not_served = 0, set()
-    with access(endpoint, store) as dl:
+    with access(endpoint, store, topology, sidecar) as dl:
         total = dl.count(flt)
         chunk = max(1, min(100, int(rate))) if rate else 100
         with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -201,7 +217,8 @@ def replay(endpoint: EndpointOpt = None, store: StoreOpt = None, queue: QueueOpt
 
 @app.command()
 @fabric_errors
-def purge(endpoint: EndpointOpt = None, store: StoreOpt = None, queue: QueueOpt = None, error_type: ErrorOpt = None,
+def purge(endpoint: EndpointOpt = None, store: StoreOpt = None, topology: TopologyOpt = None,
+          sidecar: SidecarOpt = None, queue: QueueOpt = None, error_type: ErrorOpt = None,
           since: SinceOpt = None, until: UntilOpt = None, message_id: IdOpt = None,
           yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False) -> None:
     """Delete dead letters for good (export them first if you may need them).
@@ -209,7 +226,7 @@ def purge(endpoint: EndpointOpt = None, store: StoreOpt = None, queue: QueueOpt 
     Example:  zfabric dlq purge --queue orders --until 7d --yes
     """
     flt = make_filter(queue, error_type, since, until, message_id)
-    with access(endpoint, store) as dl:
+    with access(endpoint, store, topology, sidecar) as dl:
         n = dl.count(flt)
         if n and not yes and not typer.confirm(f"delete {n} dead letter(s) for good?"):
             raise typer.Exit(1)
@@ -219,7 +236,8 @@ def purge(endpoint: EndpointOpt = None, store: StoreOpt = None, queue: QueueOpt 
 
 @app.command()
 @fabric_errors
-def export(endpoint: EndpointOpt = None, store: StoreOpt = None, queue: QueueOpt = None, error_type: ErrorOpt = None,
+def export(endpoint: EndpointOpt = None, store: StoreOpt = None, topology: TopologyOpt = None,
+          sidecar: SidecarOpt = None, queue: QueueOpt = None, error_type: ErrorOpt = None,
            since: SinceOpt = None, until: UntilOpt = None, message_id: IdOpt = None,
            output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None) -> None:
     """Write dead letters as JSON lines: envelope, reason, and full history (bytes as {"$base64": ...}).
@@ -230,7 +248,7 @@ def export(endpoint: EndpointOpt = None, store: StoreOpt = None, queue: QueueOpt
     out: Any = open(output, "w") if output is not None else sys.stdout
     n = 0
     try:
-        with access(endpoint, store) as dl:
+        with access(endpoint, store, topology, sidecar) as dl:
             for record in iter_dead_letters(dl, flt):
                 out.write(dumps(record.to_dict()) + "\n")
                 n += 1

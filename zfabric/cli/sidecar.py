@@ -19,7 +19,7 @@ from ..sidecar.config import DEFAULT_SIDECAR_ENDPOINT, SidecarConfig
 from ..sidecar.ledger import GAUGES
 from ..sidecar.policy import RetryPolicy
 from ..sidecar.service import Sidecar
-from ._common import RateView, fabric_errors, topology_part
+from ._common import RateView, fabric_errors, sidecar_client, topology_part
 
 app = typer.Typer(no_args_is_help=False)
 
@@ -123,12 +123,18 @@ def stats(
     endpoint: Endpoint = DEFAULT_SIDECAR_ENDPOINT,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object, for scripts.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 5.0,
+    topology: Annotated[Path | None, typer.Option(help="Find the sidecar in this topology file (address and CURVE "
+                                                       "keys; this tool connects as $ZFABRIC_IDENTITY).")] = None,
+    name: Annotated[str | None, typer.Option(help="With --topology: which sidecar, when it declares several.")] = None,
 ) -> None:
     """Print a running sidecar's counters, queues and workers.
 
     Example:  zfabric sidecar stats --endpoint tcp://127.0.0.1:5580 --json
+              ZFABRIC_IDENTITY=ops zfabric sidecar stats --topology shop.yaml
     """
-    with SidecarClient(endpoint, timeout=timeout, options=None) as client:
+    client = (sidecar_client(topology, name, timeout) if topology is not None
+              else SidecarClient(endpoint, timeout=timeout, options=None))
+    with client:
         snap = client.stats()
     if as_json:
         typer.echo(json.dumps(snap))

@@ -93,6 +93,11 @@ class Fabric:
             kwargs.setdefault("context", self._context)
         return kwargs
 
+    def client_options(self, part: tuple[str, str]) -> SocketOptions:
+        """The fabric's options for connecting to `part` ("sidecars", "store"): with CURVE, this service's key
+        and the part's public key. For clients zfabric has no class for (tools, other protocols)."""
+        return self._secured(self.topology.options, part, server=False)
+
     def _secured(self, options: SocketOptions, part: tuple[str, str], *, server: bool) -> SocketOptions:
         sec = self.topology.security
         if sec is None:
