@@ -516,3 +516,38 @@ def test_sidecar_tools_speak_curve_through_the_topology(secured: Secured) -> Non
         assert refused.exit_code == 1 and "key reader may not control this sidecar" in refused.output
         nobody = runner.invoke(app, ["sidecar", "stats", *args], env={"ZFABRIC_IDENTITY": ""})
         assert nobody.exit_code == 1 and "say which key this service connects with" in nobody.output
+
+
+def test_forwarder_lets_no_outsider_publish_or_subscribe(secured: Secured, caplog: pytest.LogCaptureFixture) -> None:
+    from zfabric import Publisher, Subscriber
+
+    caplog.set_level(logging.WARNING, logger="zfabric.security")
+    with secured.fabric("shop") as shop, secured.fabric("writer") as writers:
+        fwd = shop.forwarder("events").start()
+        spec = shop.topology.forwarders["events"]
+        inside = shop.subscriber("sales")
+        inside.wait_ready(10)
+        outsiders: list[Subscriber] = []
+        for who in OUTSIDERS:
+            if who == "garbage":
+                garbage_to(spec.xsub)
+                garbage_to(spec.xpub)
+                continue
+            options = intruder_options(secured, "events") if who == "unknown key" else SocketOptions(linger_ms=0)
+            spy = Subscriber(spec.xpub, topics="sales", options=options)
+            outsiders.append(spy)
+            with Publisher(spec.xsub, options=options) as fake:
+                for _ in range(20):
+                    fake.publish("sales", "forged")
+        pub = writers.publisher("sales")
+        pub.wait_for_subscribers(1, topic="sales", timeout=10)
+        for n in range(100):
+            pub.publish("sales", n)
+        assert [inside.receive(timeout=5).body for _ in range(100)] == list(range(100))  # no "forged" among them
+        for spy in outsiders:
+            with pytest.raises(ReceiveTimeout):
+                spy.receive(timeout=0.3)
+            spy.close()
+        assert fwd.stats.messages_in == 100
+        for address in (spec.xsub, spec.xpub):
+            assert wait_until(lambda address=address: f"handshake on {address}" in caplog.text, timeout=5), caplog.text
