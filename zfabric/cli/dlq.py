@@ -85,8 +85,8 @@ def access(endpoint: str | None, store: Path | None, topology: Path | None = Non
            sidecar: str | None = None) -> Iterator[DeadLetterAccess]:
     """A running sidecar over its control endpoint (found in a topology, with its keys), or a stopped one's store."""
     if sum(x is not None for x in (endpoint, store, topology)) > 1:
-        raise ConfigError("give one of --endpoint (a running sidecar), --topology (find it there) or --store "
-                          "(a stopped one's file)")
+        raise ConfigError("give --endpoint (a running sidecar), --topology (find it there) or --store "
+                          "(a stopped one's file), not both")
     if topology is not None:
         client = sidecar_client(topology, sidecar)
         try:

@@ -222,7 +222,7 @@ class ZapHandler:
             tally[1] += 1
             kind = {int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "refused by the authenticator",
                     int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "not a CURVE handshake (no key, or not ZeroMQ)"}.get(
-                        kind_of, "failed")
+                        kind_of, "failed before authentication (no key, or not ZeroMQ)")
         self.stats.handshake_failures += 1
         endpoint = event.get("endpoint", b"")
         where = (endpoint.decode("utf-8", "replace") if isinstance(endpoint, bytes) else str(endpoint)) or where
