@@ -28,9 +28,9 @@ SERVICES = "topologies/shop/services.py"
 def shop_copy(tmp_path: Path, ipc_dir: Path) -> Path:
     """topologies/shop.yaml with free ports instead of its fixed ones and a private status address."""
     text = (ROOT / "topologies" / "shop.yaml").read_text()
-    ports = sorted(set(re.findall(r"local:(\d+)", text)))
-    for old, new in zip(ports, free_tcp_ports(len(ports)), strict=True):
-        text = text.replace(f"local:{old}", f"local:{new}")
+    ports = sorted(set(re.findall(r"local:(\d+)\b", text)))
+    fresh = dict(zip(ports, map(str, free_tcp_ports(len(ports))), strict=True))
+    text = re.sub(r"local:(\d+)\b", lambda m: f"local:{fresh[m.group(1)]}", text)  # all at once: no port rewrites another
     path = tmp_path / "shop.yaml"
     path.write_text(text + f'\ncontrol: "ipc://{ipc_dir}/control"\n')
     return path

@@ -9,6 +9,7 @@ compared within one run on one machine.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -44,12 +45,31 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-def queue_pull(impl: str, count: int, size: int = 100, slow_every: int = 0) -> None:
-    """Receive `count` messages; time from the first to the last. `slow_every`: sleep 1 ms every N messages."""
+def _curve_keys(keys: str) -> tuple[Any, Any]:
+    """(server pair, client pair) from a keys directory, making both on first use."""
+    from zfabric.security.keys import generate, load_pair
+
+    if not os.path.exists(os.path.join(keys, "server.key_secret")):
+        generate("server", keys)
+        generate("client", keys)
+    return load_pair(os.path.join(keys, "server.key_secret")), load_pair(os.path.join(keys, "client.key_secret"))
+
+
+def queue_pull(impl: str, count: int, size: int = 100, slow_every: int = 0, keys: str = "") -> None:
+    """Receive `count` messages; time from the first to the last. `slow_every`: sleep 1 ms every N messages.
+
+    With `keys` (a directory) the connection runs CURVE: raw sets the CURVE options by hand, zfabric
+    uses `SocketOptions(curve=...)` with its authenticator and allowlist.
+    """
     if impl == "raw":
         ctx = zmq.Context()
         sock = ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, LINGER)
+        if keys:
+            server, _ = _curve_keys(keys)
+            sock.curve_server = True
+            sock.curve_secretkey = server.secret
+            sock.curve_publickey = server.public
         sock.bind(LOOPBACK)
         emit(endpoint=sock.getsockopt_string(zmq.LAST_ENDPOINT))
         recv = sock.recv
@@ -64,9 +84,16 @@ def queue_pull(impl: str, count: int, size: int = 100, slow_every: int = 0) -> N
         sock.close()
         ctx.term()
     else:
-        from zfabric import Consumer
+        from zfabric import Consumer, SocketOptions
 
-        with Consumer(LOOPBACK) as consumer:
+        options = None
+        if keys:
+            from zfabric.security.curve import Curve
+            from zfabric.security.zap import Allowlist
+
+            server, _ = _curve_keys(keys)
+            options = SocketOptions(curve=Curve(server, allow=Allowlist(keys)))
+        with Consumer(LOOPBACK, options=options) as consumer:
             emit(endpoint=consumer.endpoint)
             receive = consumer.receive
             receive()
@@ -79,12 +106,17 @@ def queue_pull(impl: str, count: int, size: int = 100, slow_every: int = 0) -> N
     emit(result={"count": count - 1, "seconds": elapsed, "rss_mb": rss_mb()})
 
 
-def queue_push(impl: str, endpoint: str, count: int, size: int, batch: int = 0) -> None:
+def queue_push(impl: str, endpoint: str, count: int, size: int, batch: int = 0, keys: str = "") -> None:
     body = body_of(size)
     if impl == "raw":
         ctx = zmq.Context()
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, -1)  # the benchmark must deliver everything before exiting
+        if keys:
+            server, client = _curve_keys(keys)
+            sock.curve_serverkey = server.public
+            sock.curve_secretkey = client.secret
+            sock.curve_publickey = client.public
         sock.connect(endpoint)
         send, pack = sock.send, msgpack.packb
         if isinstance(body, bytes):
@@ -99,7 +131,13 @@ def queue_push(impl: str, endpoint: str, count: int, size: int, batch: int = 0) 
     else:
         from zfabric import Producer, SocketOptions
 
-        with Producer(endpoint, options=SocketOptions(linger_ms=60_000)) as producer:
+        options = SocketOptions(linger_ms=60_000)
+        if keys:
+            from zfabric.security.curve import Curve
+
+            server, client = _curve_keys(keys)
+            options = options.replace(curve=Curve(client, server_key=server.public))
+        with Producer(endpoint, options=options) as producer:
             producer.wait_for_consumers(1)
             if batch:
                 for i in range(0, count, batch):

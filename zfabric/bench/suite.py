@@ -155,11 +155,14 @@ def _pct(values: list[float], q: float) -> float:
 
 # -- measurements ------------------------------------------------------------------------
 
-def queue_rate(impl: str, count: int, size: int, batch: int = 0) -> tuple[float, float]:
-    """(messages per second, consumer peak RSS MiB) for one PUSH -> PULL run (zf: `send_batch` of `batch` if set)."""
-    with procs() as ps:
-        pull = ps.spawn("queue-pull", impl=impl, count=count, size=size)
-        ps.spawn("queue-push", impl=impl, endpoint=ps.read(pull, "endpoint"), count=count, size=size, batch=batch)
+def queue_rate(impl: str, count: int, size: int, batch: int = 0, curve: bool = False) -> tuple[float, float]:
+    """(messages per second, consumer peak RSS MiB) for one PUSH -> PULL run (zf: `send_batch` of `batch` if set;
+    `curve`: both ends encrypt, with keys made for the run)."""
+    with procs() as ps, tempfile.TemporaryDirectory(prefix="zf-bench-keys-") as keys:
+        extra = {"keys": keys} if curve else {}
+        pull = ps.spawn("queue-pull", impl=impl, count=count, size=size, **extra)
+        ps.spawn("queue-push", impl=impl, endpoint=ps.read(pull, "endpoint"), count=count, size=size, batch=batch,
+                 **extra)
         result = ps.read(pull, "result")
     return result["count"] / result["seconds"], result["rss_mb"]
 
@@ -265,6 +268,13 @@ def run_suite(quick: bool = False, on_row: Callable[[Row], None] | None = None,
                 batched = best_of(lambda *a: queue_rate(*a)[0], "zf", count, size, 100)
                 add(Row(f"queue msgs/s, {label}, tcp, send_batch of 100 (vs raw per message)", "msg/s", rates["raw"],
                         batched, target=0.7))
+    if want("curve"):
+        for size in (100, 4096):
+            count = plan.queue_counts[size] // 2
+            label = f"{size} B" if size < 1024 else f"{size // 1024} KiB"
+            secure = {impl: best_of(lambda *a: queue_rate(*a, curve=True)[0], impl, count, size, 0) for impl in IMPLS}
+            add(Row(f"queue msgs/s, {label}, tcp + CURVE (both encrypt)", "msg/s", secure["raw"], secure["zf"],
+                    extra={"MB/s raw": secure["raw"] * size / 1e6, "MB/s zf": secure["zf"] * size / 1e6}))
     if want("reqrep"):
         lat = {impl: [rr(impl, plan.rr_latency, 1) for _ in range(plan.repeat)] for impl in IMPLS}
         p50 = {impl: _median([_pct(r["rtts"], 0.5) for r in lat[impl]]) * 1e6 for impl in IMPLS}

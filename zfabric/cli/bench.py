@@ -16,7 +16,7 @@ from ..bench.suite import Row, machine, run_suite
 from ..errors import ConfigError
 from ._common import fabric_errors
 
-GROUPS = ("queue", "reqrep", "scatter", "pubsub", "reliable", "memory")
+GROUPS = ("queue", "curve", "reqrep", "scatter", "pubsub", "reliable", "memory")
 
 
 def _fmt(value: float | None, unit: str) -> str:
