@@ -40,6 +40,13 @@ def context_for(context: AnyContext | None, asyncio: bool) -> tuple[zmq.Context,
     return context, False
 
 
+_SENDERS = frozenset({zmq.PUSH, zmq.PUB, zmq.XPUB})
+"""Sockets that mostly send: they do not ping. Measured with libzmq 4.3.5: a PUSH that pings while it
+saturates a connection lost about 1,000-1,500 of 300,000 messages in about 1 run in 10 (0 in 80 runs
+without its pings, 0 in 30 with only the receiver pinging). Their peers still ping with a TTL, which
+tells these sockets to drop a peer that goes silent, so dead peers are still noticed."""
+
+
 def open_socket(
     context: zmq.Context,
     socket_type: int,
@@ -69,7 +76,7 @@ def open_socket(
         sock.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
         sock.setsockopt(zmq.RECONNECT_IVL, options.reconnect_ivl_ms)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, options.reconnect_ivl_max_ms)
-        if options.heartbeat_ivl_ms:
+        if options.heartbeat_ivl_ms and socket_type not in _SENDERS:
             sock.setsockopt(zmq.HEARTBEAT_IVL, options.heartbeat_ivl_ms)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, options.heartbeat_timeout_ms)
             sock.setsockopt(zmq.HEARTBEAT_TTL, options.heartbeat_timeout_ms)

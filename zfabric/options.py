@@ -31,7 +31,8 @@ class SocketOptions:
     max_message_size: int = 64 * 1024 * 1024
     """Largest inbound message in bytes; a peer that sends more is disconnected. -1: no limit."""
     heartbeat_ivl_ms: int = 1000
-    """ZMTP ping interval; 0 turns heartbeats off."""
+    """ZMTP ping interval; 0 turns heartbeats off. Sending-only sockets (PUSH, PUB, XPUB) never ping: pings on a
+    saturated sender lose messages (libzmq 4.3.5); their peers' pings carry a TTL that covers them."""
     heartbeat_timeout_ms: int = 30_000
     """A peer silent this long is dropped. Not lower than seconds of backlog: libzmq can miss a PONG
     queued behind a saturated stream, and a dropped connection loses what its pipes held (measured:
