@@ -379,6 +379,7 @@ def test_ten_thousand_hostile_frames_among_ten_thousand_valid_messages(ctx: zmq.
         [msgpack.packb(msgpack.ExtType(5, b"boom")), b"x"],  # an extension type
     ]
     with Consumer("tcp://127.0.0.1:0", options=SocketOptions(receive_hwm=100_000)) as consumer:
+        assert consumer.bad_peers == {}
         raw = ctx.socket(zmq.PUSH)
         raw.linger = 1000
         raw.sndhwm = 100_000

@@ -68,8 +68,14 @@ class Inbox(SocketOwner):
     _batches = False
     """Point-to-point receivers also accept batches (many envelopes in one ZeroMQ message)."""
 
-    bad_peers: dict[str, int]
-    """Undecodable messages per sender (its key's name with CURVE, else its IP address)."""
+    _bad_peers: dict[str, int] | None = None
+
+    @property
+    def bad_peers(self) -> dict[str, int]:
+        """Undecodable messages per sender (its key's name with CURVE, else its IP address)."""
+        if self._bad_peers is None:
+            self._bad_peers = {}
+        return self._bad_peers
 
     def _accept(self, frames: list[bytes], first: zmq.Frame | None = None) -> Envelope | None:
         """The envelope in `frames`, or None (counted per sender and logged) when they are not one."""
@@ -84,8 +90,6 @@ class Inbox(SocketOwner):
         return self._after_accept(env)
 
     def _refuse(self, exc: DecodeError, first: zmq.Frame | None) -> None:
-        if not hasattr(self, "bad_peers"):
-            self.bad_peers = {}
         count_bad(exc, self.stats, self._who, peer_of(first), self.bad_peers)
 
     def _accept_batch(self, frames: list[bytes], first: zmq.Frame | None = None) -> Envelope | None:

@@ -272,7 +272,8 @@ def run_suite(quick: bool = False, on_row: Callable[[Row], None] | None = None,
         for size in (100, 4096):
             count = plan.queue_counts[size] // 2
             label = f"{size} B" if size < 1024 else f"{size // 1024} KiB"
-            secure = {impl: best_of(lambda *a: queue_rate(*a, curve=True)[0], impl, count, size, 0) for impl in IMPLS}
+            secure = {impl: best_of(lambda i, n, sz: queue_rate(i, n, sz, curve=True)[0], impl, count, size)
+                      for impl in IMPLS}
             add(Row(f"queue msgs/s, {label}, tcp + CURVE (both encrypt)", "msg/s", secure["raw"], secure["zf"],
                     extra={"MB/s raw": secure["raw"] * size / 1e6, "MB/s zf": secure["zf"] * size / 1e6}))
     if want("reqrep"):
