@@ -48,9 +48,10 @@ class Endpoint:
     @property
     def is_loopback(self) -> bool:
         """True for ipc, inproc, and tcp on a loopback host (no network exposure)."""
-        if self.transport != "tcp":
+        parts = tcp_host_port(self.address)
+        if parts is None:
             return True
-        host = self.address[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+        host = parts[0]
         if host == "localhost":
             return True
         try:
@@ -60,6 +61,14 @@ class Endpoint:
 
     def __str__(self) -> str:
         return ("@" if self.bind else ">") + self.address
+
+
+def tcp_host_port(address: str) -> tuple[str, str] | None:
+    """(host without IPv6 brackets, port) of a tcp:// address; None for other transports."""
+    if not address.startswith("tcp://"):
+        return None
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    return host.strip("[]"), port
 
 
 def _validate(address: str, original: str) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..endpoint import Endpoint
+from ..endpoint import Endpoint, tcp_host_port
 from ..errors import ConfigError, TopologyError
 from ..options import (
     DEFAULT_OPTIONS,
@@ -231,11 +231,11 @@ class Topology:
 
     def host_of(self, address: str) -> str | None:
         """The declared host name an address is on, if it was written with one."""
-        if not address.startswith("tcp://"):
+        parts = tcp_host_port(address)
+        if parts is None:
             return None
-        host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
         for name, value in self.hosts.items():
-            if value == host:
+            if value == parts[0]:
                 return name
         return None
 
@@ -346,13 +346,6 @@ def _unknown(kind: str, name: str, known: Mapping[str, object]) -> str:
     return f"{name!r} is not a declared {kind}; {hint}"
 
 
-def _tcp_key(address: str) -> tuple[str, str] | None:
-    if not address.startswith("tcp://"):
-        return None
-    host, _, port = address[len("tcp://"):].rpartition(":")
-    return host.strip("[]"), port
-
-
 def _is_wildcard(host: str) -> bool:
     if host == "*":
         return True
@@ -363,7 +356,7 @@ def _is_wildcard(host: str) -> bool:
 
 
 def _same_place(a: str, b: str) -> bool:
-    ka, kb = _tcp_key(a), _tcp_key(b)
+    ka, kb = tcp_host_port(a), tcp_host_port(b)
     if ka is None or kb is None:
         return a == b
     if ka[1] != kb[1] or ka[1] in ("0", "*"):
