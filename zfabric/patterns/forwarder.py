@@ -153,8 +153,8 @@ class Forwarder:
                         continue
                     if self.permissions is not None and not self._may("publish", who, frames[0]):
                         continue
+                    stats.messages_out += 1  # before the send, so a subscriber that has it never sees a count without it
                     send_frames(xpub, frames)
-                    stats.messages_out += 1
             if xpub in ready:
                 for _ in range(_BATCH):
                     try:
