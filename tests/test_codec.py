@@ -24,6 +24,45 @@ def test_round_trip_keeps_every_field() -> None:
     assert codec.decode(codec.encode(env)) == env
 
 
+def test_small_messages_travel_as_one_frame_and_large_bodies_as_their_own() -> None:
+    assert len(codec.encode(sample())) == 1
+    assert len(codec.encode(sample(body=b"x" * 100))) == 1
+    for body, frames in [("s" * (codec.INLINE_MAX - 4), 1), ("s" * codec.INLINE_MAX, 2),
+                         (b"r" * (codec.INLINE_MAX - 1), 1), (b"r" * codec.INLINE_MAX, 2)]:
+        env = sample(body=body)
+        encoded = codec.encode(env)
+        assert len(encoded) == frames, (len(body), type(body))
+        assert codec.decode([bytes(f) for f in encoded]) == env
+
+
+def test_stamp_encodes_what_the_generic_encoder_would_decode_to() -> None:
+    ids = IdSource()
+    stamp = codec.Stamp(ids, "orders")
+    cases = [({"sku": "A-1", 7: [1.5]}, None, None, None), (b"raw", 1e9, {"trace": "t"}, 3),
+             (b"big" * 30_000, None, {"k": 1}, 2**40), ("x" * 20_000, 5.5, None, None), (None, None, {}, 0)]
+    seen = set()
+    for body, deadline, headers, seq in cases:
+        env, frames = stamp.encode(body, 1_700_000_000.5, deadline, headers, seq)
+        assert codec.decode([bytes(f) for f in frames]) == env
+        assert (env.kind, env.topic, env.attempt, env.deadline, env.seq) == (Kind.MESSAGE, "orders", 1, deadline, seq)
+        assert env.id[:8] == ids.origin
+        seen.add(env.id)
+    seen.add(ids.next())  # the stamp and the id source share one counter
+    assert len(seen) == len(cases) + 1
+    published = codec.Stamp(IdSource(), "sales").encode({"n": 1}, 1.0, seq=7)[0]
+    assert codec.decode_published([b"sales", *codec.encode(published)]) == published
+
+
+def test_stamp_refuses_what_a_receiver_would_refuse() -> None:
+    stamp = codec.Stamp(IdSource(), "q")
+    with pytest.raises(EncodeError, match="header keys must be strings"):
+        stamp.encode("b", 1.0, headers={1: "x"})  # type: ignore[dict-item]
+    with pytest.raises(EncodeError, match="headers are not msgpack"):
+        stamp.encode("b", 1.0, headers={"k": object()})
+    with pytest.raises(EncodeError, match="object"):
+        stamp.encode(object(), 1.0)
+
+
 def test_raw_bytes_body_travels_verbatim_as_its_own_frame() -> None:
     payload = bytes(range(256)) * 1000
     frames = codec.encode(sample(body=payload))
@@ -69,14 +108,25 @@ def header(**overrides: object) -> bytes:
 BODY = msgpack.packb({"ok": True})
 
 
+def message(body: object = None, **overrides: object) -> bytes:
+    """A one-frame message: the header array with `body` appended."""
+    return b"\x9d" + header(**overrides)[1:] + msgpack.packb(body)
+
+
 @pytest.mark.parametrize(
     ("frames", "reason"),
     [
         ([b"\xc1garbage", BODY], "not valid msgpack"),
         ([header()[:5], BODY], "not valid msgpack"),
-        ([header()], "expected 2 frames"),
-        ([header(), BODY, b"extra"], "expected 2 frames"),
-        ([], "expected 2 frames"),
+        ([header()], "at least 13 elements"),
+        ([header(), BODY, b"extra"], "expected 1 frame"),
+        ([], "expected 1 frame"),
+        ([b"\xc1"], "message is not valid msgpack"),
+        ([msgpack.packb("text")], "at least 13 elements"),
+        ([message(fmt=1)], "raw body must be bytes"),
+        ([message(version=2)], "unknown envelope version 2"),
+        ([message(headers={1: "x"})], "header keys must be strings"),
+        ([message(msgpack.ExtType(5, b"xx"))], "extension type 5"),
         ([header(version=2), BODY], "unknown envelope version 2"),
         ([header(kind=9), BODY], "unknown kind"),
         ([header(id=""), BODY], "id must be"),
@@ -113,8 +163,9 @@ def test_random_frames_never_raise_anything_but_decode_error(frames: list[bytes]
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_mutated_valid_frames_decode_or_raise_decode_error(data: st.DataObject) -> None:
-    frames = [bytearray(f) for f in codec.encode(sample())]
-    which = data.draw(st.integers(0, 1))
+    env = sample(body=data.draw(st.sampled_from([{"sku": "A-1", 7: [1.5]}, b"raw", b"r" * codec.INLINE_MAX])))
+    frames = [bytearray(f) for f in codec.encode(env)]
+    which = data.draw(st.integers(0, len(frames) - 1))
     if frames[which]:
         pos = data.draw(st.integers(0, len(frames[which]) - 1))
         frames[which][pos] = data.draw(st.integers(0, 255))
@@ -131,6 +182,8 @@ def test_a_header_claiming_a_4_gib_string_is_rejected_without_allocating() -> No
     huge = b"\x9c" + b"\x01\x00" + b"\xdb\xff\xff\xff\xff" + b"x" * 10
     with pytest.raises(DecodeError):
         codec.decode([huge, BODY])
+    with pytest.raises(DecodeError):
+        codec.decode([b"\x9d" + huge[1:]])
 
 
 def test_default_and_read_only_headers_encode() -> None:

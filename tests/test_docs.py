@@ -48,7 +48,10 @@ def test_wire_md_worked_example_is_what_the_codec_writes() -> None:
     text = (ROOT / "docs" / "wire.md").read_text()
     env = Envelope(bytes.fromhex("0102030405060708") + (1).to_bytes(8, "big"), Kind.REQUEST, "", {"sku": "A-1"},
                    None, None, 1, 1700000000.5, 1700000005.5, {}, None)
-    header, body = codec.encode(env)
+    header, body = codec.encode_split(env)
     assert _hex_after(text, "header frame, 46 bytes:") == header
     assert _hex_after(text, "body frame, 9 bytes:") == body
     assert codec.decode([header, body]) == env
+    [one] = codec.encode(env)
+    assert _hex_after(text, "one frame, 55 bytes:") == one
+    assert codec.decode([one]) == env

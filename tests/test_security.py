@@ -369,7 +369,7 @@ def test_ten_thousand_hostile_frames_among_ten_thousand_valid_messages(ctx: zmq.
     ids = IdSource()
     valid = [[bytes(f) for f in codec.encode(Envelope(ids.next(), Kind.MESSAGE, "", {"n": n}, created_at=1.0))]
              for n in range(10_000)]
-    proto = valid[0]
+    proto = [bytes(f) for f in codec.encode_split(Envelope(ids.next(), Kind.MESSAGE, "", {"n": 0}, created_at=1.0))]
     hostile = [
         [b"\x00\x01 not msgpack"], [b"\xc1", b"\xc1"], proto[:1], proto + [b"extra"], [b"", b""],
         [msgpack.packb([99, *msgpack.unpackb(proto[0])[1:]]), proto[1]],
@@ -377,6 +377,8 @@ def test_ten_thousand_hostile_frames_among_ten_thousand_valid_messages(ctx: zmq.
         [b"\xdd\xff\xff\xff\xff", b"x"],  # an array claiming 4 billion items
         [b"\x91" * 5000 + b"\x00", b"x"],  # nesting 5000 deep
         [msgpack.packb(msgpack.ExtType(5, b"boom")), b"x"],  # an extension type
+        [msgpack.packb([99, *msgpack.unpackb(valid[0][0])[1:]])],  # one-frame message, unknown version
+        [b"\x9d\x01\x00\xc6\xff\xff\xff\xff"],  # one-frame message whose id claims 4 GiB
     ]
     with Consumer("tcp://127.0.0.1:0", options=SocketOptions(receive_hwm=100_000)) as consumer:
         assert consumer.bad_peers == {}

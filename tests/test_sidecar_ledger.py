@@ -103,7 +103,7 @@ def store_with_dead(path: Path, n: int) -> tuple[Store, list[Envelope]]:
     store.begin()
     for i in range(n):
         env = Envelope.new({"i": i}, topic="q" if i % 2 else "r").replace(id=ids.next())
-        header, body = codec.encode(env)
+        header, body = codec.encode_split(env)
         [seq] = store.reserve([env.id])
         assert seq is not None
         store.insert([Entry(seq, env.id, env.topic, header, body)], 1000.0 + i)

@@ -109,12 +109,13 @@ class IdSource:
     sender (a subscriber groups sequence numbers by it).
     """
 
-    __slots__ = ("origin", "_counter")
+    __slots__ = ("origin", "counter")
 
     def __init__(self, origin: bytes | None = None) -> None:
         self.origin = origin if origin is not None else os.urandom(8)
-        self._counter = itertools.count(1)
+        self.counter = itertools.count(1)
+        """Shared by everything that numbers this sender's messages (`next()`, codec.Stamp)."""
 
     def next(self) -> bytes:
         """The next id of this sender."""
-        return self.origin + next(self._counter).to_bytes(8, "big")
+        return self.origin + next(self.counter).to_bytes(8, "big")

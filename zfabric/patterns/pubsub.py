@@ -28,7 +28,7 @@ from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
 from .._socket import AnyContext, SocketOwner, recv_frames_first, send_frames
 from ..endpoint import EndpointArg, parse_many
-from ..envelope import Envelope, IdSource, Kind
+from ..envelope import Envelope, IdSource
 from ..errors import ConfigError, ReadyTimeout
 from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB, SocketOptions
 
@@ -69,14 +69,10 @@ class _PublisherBase(SocketOwner):
     def _frames(self, topic: str, body: Any, headers: Mapping[str, Any] | None) -> tuple[Envelope, list[Any]]:
         entry = self._topics.get(topic)
         if entry is None:
-            entry = self._topics[topic] = [codec.validate_topic(topic), 0]
+            entry = self._topics[topic] = [codec.validate_topic(topic), 0, codec.Stamp(self._ids, topic)]
         entry[1] += 1
-        fmt, payload = codec.encode_body(body)
-        env = Envelope(
-            self._ids.next(), Kind.MESSAGE, topic, body, None, None, 1, time.time(), None,
-            headers if headers is not None else {}, entry[1],
-        )
-        return env, [entry[0], codec.encode_header(env, fmt), payload]
+        env, frames = entry[2].encode(body, time.time(), None, headers, entry[1])
+        return env, [entry[0], *frames]
 
     def _on_control(self, msg: bytes) -> bytes | None:
         """Apply one subscription message; returns a probe answer to publish, if any."""

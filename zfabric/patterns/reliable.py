@@ -204,7 +204,7 @@ class _ReliableBase(SocketOwner):
     def _check_queue(self, env: Envelope) -> list[Any]:
         if env.topic != self.queue:
             raise ConfigError(f"envelope {env.id_hex} is for queue {env.topic!r}; this producer sends to {self.queue!r}")
-        return codec.encode(env)
+        return codec.encode_split(env)  # the sidecar stores header and body apart
 
     def _replies(self, frames: list[bytes]) -> tuple[list[Envelope], list[tuple[Envelope, str]]]:
         try:

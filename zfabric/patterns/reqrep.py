@@ -116,7 +116,7 @@ class _ReplierBase(SocketOwner):
 
     def _parse(self, frames: list[bytes], who: str | None = None) -> tuple[list[bytes], Envelope] | None:
         """(routing prefix, request) for a valid request a permitted key sent; None (counted) otherwise."""
-        if len(frames) >= 4 and frames[1] == b"":
+        if len(frames) >= 3 and frames[1] == b"":  # from a REQ socket: [id, "", message...]
             route, payload = frames[:2], frames[2:]
         else:
             route, payload = frames[:1], frames[1:]
@@ -157,7 +157,7 @@ class _ReplierBase(SocketOwner):
         else:
             self.stats.replies += 1
         reply = Envelope(self._ids.next(), kind, request.topic, None, request.id, None, request.attempt, time.time(), None, {}, None)
-        return [*route, codec.encode_header(reply, fmt), payload]
+        return [*route, *codec.join_frames(codec.encode_header(reply, fmt), fmt, payload)]
 
     def _undeliverable(self, exc: zmq.ZMQError) -> None:
         self.stats.undeliverable += 1
