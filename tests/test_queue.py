@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 import zmq
 
 from zfabric import (
+    ConfigError,
     Envelope,
     IdSource,
     Kind,
@@ -121,6 +123,29 @@ def test_sending_with_no_consumer_raises_send_timeout_instead_of_parking_the_mes
         producer.wait_for_consumers(1, timeout=0.2)
 
 
+def test_wait_for_consumers_over_inproc(ctx: zmq.Context, face: Face) -> None:
+    """The peer monitor sees no inproc connections; waiting for the one consumer must still work.
+
+    (`ctx` comes first so that `face` closes its objects before the shared context is destroyed.)
+    """
+    address = f"inproc://wait-{uuid.uuid4().hex}"
+    producer = face.producer(address, bind=True, context=ctx)
+    with pytest.raises(ReadyTimeout, match="no consumer connected"):
+        producer.wait_for_consumers(1, timeout=0.2)
+    with pytest.raises(ConfigError, match="only one consumer"):
+        producer.wait_for_consumers(2, timeout=0.2)
+    consumer = face.consumer(address, bind=False, context=ctx)
+    assert producer.wait_for_consumers(1, timeout=5.0) == 1
+    producer.send({"n": 1}, timeout=5.0)
+    assert consumer.receive(timeout=5.0).body == {"n": 1}
+    # Connecting before the consumer binds: libzmq queues for it at once, and delivers when it binds.
+    early = f"inproc://early-{uuid.uuid4().hex}"
+    eager = face.producer(early, context=ctx)
+    assert eager.wait_for_consumers(1, timeout=5.0) == 1
+    eager.send({"n": 2}, timeout=5.0)
+    assert face.consumer(early, context=ctx).receive(timeout=5.0).body == {"n": 2}
+
+
 def test_consumer_skips_foreign_frames_and_keeps_delivering_valid_ones(face: Face, ctx: zmq.Context) -> None:
     consumer = face.consumer("tcp://127.0.0.1:0")
     raw = ctx.socket(zmq.PUSH)
@@ -137,7 +162,7 @@ def test_consumer_skips_foreign_frames_and_keeps_delivering_valid_ones(face: Fac
     garbage = [
         [b"\x00\x01\x02 not msgpack"],
         [b"\xc1", b"\xc1"],
-        valid(0)[:1],
+        [bytes(codec.encode_split(Envelope(ids.next(), Kind.MESSAGE, "", {"n": 0}, created_at=1.0))[0])],  # a header alone
         valid(0) + [b"extra"],
         bad_version,
         [b"", b""],

@@ -22,7 +22,7 @@ from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
 from .._socket import ZERO_COPY_MIN, AnyContext, PeerWatch, SocketOwner, send_frames
 from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource, Kind
-from ..errors import ReadyTimeout, SendTimeout
+from ..errors import ConfigError, ReadyTimeout, SendTimeout
 from ..options import UNSET, SocketOptions, Unset
 
 BATCH_COUNT = 1000
@@ -61,6 +61,12 @@ class _ProducerBase(SocketOwner):
         self.send_timeout = send_timeout
         self.stats = ProducerCounters()
         self._ids = IdSource()
+        self._stamp = codec.Stamp(self._ids, queue)
+
+    def _encode(self, body: Any, headers: Mapping[str, Any] | None, ttl: float | None) -> tuple[Envelope, list[Any]]:
+        """A new message's envelope and frames, encoded in one pass (the per-message hot path)."""
+        now = time.time()
+        return self._stamp.encode(body, now, None if ttl is None else now + ttl, headers)
 
     def _envelope(self, body: Any, headers: Mapping[str, Any] | None, ttl: float | None) -> Envelope:
         now = time.time()
@@ -96,6 +102,19 @@ class _ProducerBase(SocketOwner):
         close()
         return out
 
+    def _over_inproc(self, count: int) -> bool:
+        """True when wait_for_consumers must poll the socket itself for POLLOUT: the monitor sees no inproc:// peers.
+
+        (A producer that connects before its inproc consumer binds is writable at once: libzmq
+        queues for the consumer and delivers when it binds, so nothing is lost by not waiting.)
+        """
+        if not any(ep.transport == "inproc" for ep in self._endpoint_specs):
+            return False
+        if count != 1:  # ZeroMQ reports no connections over inproc://; a writable PUSH proves one consumer only
+            raise ConfigError(f"wait_for_consumers({count}): over inproc:// only one consumer can be waited for "
+                              "(ZeroMQ reports no inproc connections)")
+        return True
+
     def _timeout(self, timeout: float | None | Unset) -> float | None:
         return self.send_timeout if timeout is UNSET else timeout
 
@@ -110,8 +129,10 @@ class Producer(_ProducerBase):
     def send(self, body: Any, *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
              timeout: float | None | Unset = UNSET) -> Envelope:
         """Send one message; returns its envelope. Blocks while the queue is full, at most `timeout` s."""
-        env = self._envelope(body, headers, ttl)
-        self.send_envelope(env, timeout=timeout)
+        self._check_open()
+        env, frames = self._encode(body, headers, ttl)
+        self._send(frames, self.send_timeout if timeout is UNSET else timeout)  # type: ignore[arg-type]
+        self.stats.sent += 1
         return env
 
     def send_envelope(self, env: Envelope, *, timeout: float | None | Unset = UNSET) -> None:
@@ -172,6 +193,10 @@ class Producer(_ProducerBase):
 
     def wait_for_consumers(self, count: int = 1, timeout: float = 10.0) -> int:
         """Block until `count` consumers are connected, so a burst is spread over all of them."""
+        if self._over_inproc(count):
+            if not self._sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                raise ReadyTimeout(f"no consumer connected after {timeout:g} s")
+            return 1
         deadline = time.monotonic() + timeout
         while self._peers.drain() < count:
             if not self._peers.socket.poll(_remaining_ms(deadline), zmq.POLLIN):
@@ -187,15 +212,19 @@ class AsyncProducer(_ProducerBase):
     async def send(self, body: Any, *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
                    timeout: float | None | Unset = UNSET) -> Envelope:
         """Send one message; returns its envelope. Waits while the queue is full, at most `timeout` s."""
-        env = self._envelope(body, headers, ttl)
-        await self.send_envelope(env, timeout=timeout)
+        self._check_open()
+        env, frames = self._encode(body, headers, ttl)
+        await self._send(frames, self._timeout(timeout))
+        self.stats.sent += 1
         return env
 
     async def send_envelope(self, env: Envelope, *, timeout: float | None | Unset = UNSET) -> None:
         """Send a ready-made envelope as it is."""
         self._check_open()
-        frames = codec.encode(env)
-        timeout = self._timeout(timeout)
+        await self._send(codec.encode(env), self._timeout(timeout))
+        self.stats.sent += 1
+
+    async def _send(self, frames: list[Any], timeout: float | None) -> None:
         if timeout is None:
             await self._sock.send_multipart(frames, copy=False)
         else:
@@ -203,7 +232,6 @@ class AsyncProducer(_ProducerBase):
                 await asyncio.wait_for(self._sock.send_multipart(frames, copy=False), timeout)
             except TimeoutError:
                 raise self._timed_out(timeout) from None
-        self.stats.sent += 1
 
     async def send_batch(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
                          ttl: float | None = None, timeout: float | None | Unset = UNSET) -> list[Envelope]:
@@ -239,6 +267,10 @@ class AsyncProducer(_ProducerBase):
 
     async def wait_for_consumers(self, count: int = 1, timeout: float = 10.0) -> int:
         """Wait until `count` consumers are connected."""
+        if self._over_inproc(count):
+            if not await self._sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                raise ReadyTimeout(f"no consumer connected after {timeout:g} s")
+            return 1
         deadline = time.monotonic() + timeout
         while self._peers.drain() < count:
             if not await self._peers.socket.poll(_remaining_ms(deadline), zmq.POLLIN):
