@@ -196,7 +196,8 @@ def test_send_batch_delivers_every_message_in_order_with_its_own_envelope(face: 
     consumer = face.consumer("tcp://127.0.0.1:0")
     producer = face.producer(consumer.endpoint, send_timeout=10.0)
     producer.wait_for_consumers(1, timeout=10.0)
-    bodies: list[Any] = [{"n": n} for n in range(2500)] + [b"raw bytes", "text", None, [1, 2], b"y" * 100_000]
+    bodies: list[Any] = ([{"n": n} for n in range(1200)] + [b"z" * 70_000] + [{"n": n} for n in range(1200, 2500)]
+                         + [b"raw bytes", bytearray(b"array"), "text", None, [1, 2], b"y" * 100_000])
     sent = producer.send_batch(bodies, headers={"trace": "t-1"}, ttl=60)
     assert [e.body for e in sent] == bodies
     got = [consumer.receive(timeout=5.0) for _ in bodies]

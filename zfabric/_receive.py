@@ -18,7 +18,7 @@ import zmq
 from . import codec
 from ._counters import Counters
 from ._logs import Throttled
-from ._socket import SocketOwner, peer_of, readable, recv_frames_first
+from ._socket import SocketOwner, peer_of, readable, recv_rest
 from .envelope import Envelope
 from .errors import DecodeError, ReceiveTimeout
 
@@ -89,6 +89,19 @@ class Inbox(SocketOwner):
         self.stats.received += 1
         return self._after_accept(env)
 
+    _one_frame = False
+    """Receivers of `[message]` frames (queues) take the one-frame fast path, `_accept_one`."""
+
+    def _accept_one(self, first: zmq.Frame) -> Envelope | None:
+        """`_accept` for a one-frame message, without building a frame list on the way."""
+        try:
+            env = codec.decode_message(first.bytes)
+        except DecodeError as exc:
+            self._refuse(exc, first)
+            return None
+        self.stats.received += 1
+        return self._after_accept(env)
+
     def _refuse(self, exc: DecodeError, first: zmq.Frame | None) -> None:
         count_bad(exc, self.stats, self._who, peer_of(first), self.bad_peers)
 
@@ -128,20 +141,28 @@ class SyncInbox(Inbox):
 
     def receive(self, timeout: float | None = None) -> Envelope:
         """The next valid envelope; raises ReceiveTimeout after `timeout` seconds (None: wait forever)."""
-        self._check_open()
         if self._pending:
             return self._pending.popleft()
+        if self._closed:
+            self._check_open()
         sock = self._sock
-        if timeout is None:
-            while True:
-                env = self._accept(*recv_frames_first(sock))
-                if env is not None:
-                    return env
-        deadline = time.monotonic() + timeout
+        flags = 0 if timeout is None else _NOBLOCK
+        deadline = None
         while True:
-            if not readable(sock, _remaining_ms(deadline)):
-                raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}")
-            env = self._accept(*recv_frames_first(sock, _NOBLOCK))
+            try:
+                first = sock.recv(flags, copy=False)
+            except zmq.Again:  # only with a timeout: nothing waiting, so wait for it
+                if deadline is None:
+                    deadline = time.monotonic() + timeout  # type: ignore[operator]
+                if not readable(sock, _remaining_ms(deadline)):
+                    raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}") from None
+                continue
+            if first.more:
+                env = self._accept(recv_rest(sock, first), first)
+            elif self._one_frame:
+                env = self._accept_one(first)
+            else:
+                env = self._accept([first.bytes], first)
             if env is not None:
                 return env
 

@@ -198,12 +198,17 @@ def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
 def recv_frames_first(sock: zmq.Socket[Any], flags: int = 0) -> tuple[list[bytes], zmq.Frame]:
     """One message, and its first frame, whose properties say who sent it (see `peer_of`)."""
     first = sock.recv(flags, copy=False)
+    return recv_rest(sock, first), first
+
+
+def recv_rest(sock: zmq.Socket[Any], first: zmq.Frame) -> list[bytes]:
+    """The bytes of every frame of the message that `first` (already received) starts."""
     frames = [first.bytes]
     frame = first
     while frame.more:
         frame = sock.recv(0, copy=False)
         frames.append(frame.bytes)
-    return frames, first
+    return frames
 
 
 def user_of(frame: zmq.Frame) -> str | None:

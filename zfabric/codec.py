@@ -164,8 +164,13 @@ def decode_message(frame: bytes, frames: Sequence[bytes] | None = None) -> Envel
         entry = _unpackb(frame, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
     except Exception as exc:  # msgpack raises several unrelated types for hostile input
         raise DecodeError(f"message is not valid msgpack: {exc}", frames if frames is not None else [frame]) from None
+    return _fast_entry(entry) or _from_entry(entry, frames if frames is not None else [frame])
+
+
+def _fast_entry(entry: Any) -> Envelope | None:
+    """The envelope of a well-formed 13-element entry with no headers, checked in one expression;
+    None for anything else, which `_from_entry` then checks field by field for a precise error."""
     if type(entry) is list and len(entry) == HEADER_FIELDS + 1:
-        # The common case, checked in one expression; anything odd takes _from_entry for its precise error.
         version, kind, id_, topic, corr, reply_to, attempt, created, deadline, headers, seq, fmt, body = entry
         if (version == VERSION and type(kind) is int and 0 <= kind < _KIND_COUNT and type(id_) is bytes and id_
                 and type(topic) is str and (corr is None or type(corr) is bytes)
@@ -175,7 +180,7 @@ def decode_message(frame: bytes, frames: Sequence[bytes] | None = None) -> Envel
                 and (fmt == BODY_MSGPACK or (fmt == BODY_RAW and type(body) is bytes))):
             return _make_envelope(Envelope, (id_, _KINDS[kind], topic, body, corr, reply_to, attempt, created,
                                              deadline, headers, seq))
-    return _from_entry(entry, frames if frames is not None else [frame])
+    return None
 
 
 def _from_entry(entry: Any, frames: Sequence[bytes]) -> Envelope:
@@ -285,6 +290,13 @@ def encode_batch(envs: Sequence[Envelope]) -> list[bytes]:
     return [msgpack.packb([VERSION, BATCH_MARK, len(entries)]), payload]
 
 
+def join_batch(messages: Sequence[bytes]) -> list[bytes]:
+    """The batch of already encoded one-frame messages (each is exactly a batch entry)."""
+    n = len(messages)
+    count = bytes((0x90 | n,)) if n < 16 else struct.pack(">BH", 0xDC, n) if n < 1 << 16 else struct.pack(">BI", 0xDD, n)
+    return [msgpack.packb([VERSION, BATCH_MARK, n]), b"".join((count, *messages))]
+
+
 def decode_batch(frames: Sequence[bytes]) -> list[Envelope]:
     """The envelopes of a batch; DecodeError (nothing delivered) if any part of it is invalid."""
     if not is_batch(frames):
@@ -296,10 +308,15 @@ def decode_batch(frames: Sequence[bytes]) -> list[Envelope]:
         raise DecodeError(f"batch is not valid msgpack: {exc}", frames) from None
     if type(head) is not list or len(head) != 3 or type(entries) is not list or head[2] != len(entries):
         raise DecodeError("batch header does not match its entries", frames)
+    out = []
     for entry in entries:
-        if type(entry) is not list or len(entry) != HEADER_FIELDS + 1:
-            raise DecodeError(f"batch entry must be an array of {HEADER_FIELDS + 1} elements", frames)
-    return [_from_entry(entry, frames) for entry in entries]
+        env = _fast_entry(entry)
+        if env is None:
+            if type(entry) is not list or len(entry) != HEADER_FIELDS + 1:
+                raise DecodeError(f"batch entry must be an array of {HEADER_FIELDS + 1} elements", frames)
+            env = _from_entry(entry, frames)
+        out.append(env)
+    return out
 
 
 _ARRAY13 = b"\x9d"
@@ -318,25 +335,33 @@ class Stamp:
     of what a generic msgpack call on the header costs (docs/performance.md).
     """
 
-    __slots__ = ("kind", "topic", "origin", "_next", "_pack", "_pre", "_mid", "_id")
+    __slots__ = ("kind", "topic", "origin", "_next", "_pack", "_packb", "_pre12", "_pre13", "_mid", "_id")
 
     def __init__(self, ids: IdSource, topic: str, kind: Kind = Kind.MESSAGE) -> None:
         self.kind = kind
         self.topic = topic
         self.origin = ids.origin
         self._next = ids.counter.__next__
-        self._pre = {n: bytes((0x90 + n, VERSION, int(kind), 0xC4, 8 + len(ids.origin))) + ids.origin
-                     for n in (HEADER_FIELDS, HEADER_FIELDS + 1)}
+        self._pre12, self._pre13 = (bytes((0x90 + n, VERSION, int(kind), 0xC4, 8 + len(ids.origin))) + ids.origin
+                                    for n in (HEADER_FIELDS, HEADER_FIELDS + 1))
         self._mid = msgpack.packb(topic) + b"\xc0\xc0\x01\xcb"  # correlation nil, reply_to nil, attempt 1, float64 tag
-        self._pack = struct.Struct(f">{len(self._pre[HEADER_FIELDS])}sQ{len(self._mid)}sd").pack
+        self._pack = struct.Struct(f">{len(self._pre12)}sQ{len(self._mid)}sd").pack
+        self._packb = msgpack.Packer().pack  # msgpack.packb builds a Packer per call; a Stamp serves one sender
         self._id = slice(5, 5 + len(ids.origin) + 8)
 
     def encode(self, body: Any, now: float, deadline: float | None = None,
                headers: Mapping[str, Any] | None = None, seq: int | None = None) -> tuple[Envelope, list[Any]]:
         """(envelope, frames) of a new message: one frame for a small body, `[header, body]` for a large one."""
-        fmt, payload = encode_body(body)
+        if isinstance(body, _RAW_TYPES):
+            fmt, payload = BODY_RAW, body
+        else:
+            fmt = BODY_MSGPACK
+            try:
+                payload = self._packb(body)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise EncodeError(f"body of type {type(body).__name__} is not msgpack-serializable: {exc}") from exc
         inline = len(payload) < INLINE_MAX
-        head = self._pack(self._pre[HEADER_FIELDS + inline], self._next(), self._mid, now)
+        head = self._pack(self._pre13 if inline else self._pre12, self._next(), self._mid, now)
         if deadline is None and not headers and seq is None:
             extras = _NO_EXTRAS[fmt]
         else:
@@ -346,13 +371,14 @@ class Stamp:
                 b"\xc0" if seq is None else _U64(0xCF, seq),
                 bytes((fmt,)),
             ))
-        if inline:
-            frames: list[Any] = [b"".join((head, extras, payload if fmt == BODY_MSGPACK else msgpack.packb(payload)))]
-        else:
+        if not inline:
             frames = [head + extras, payload]
-        env = _make_envelope(Envelope, (head[self._id], self.kind, self.topic, body, None, None, 1, now, deadline,
-                                        headers if headers is not None else {}, seq))
-        return env, frames
+        elif fmt == BODY_MSGPACK:
+            frames = [head + extras + payload]
+        else:
+            frames = [b"".join((head, extras, self._packb(payload)))]
+        return _make_envelope(Envelope, (head[self._id], self.kind, self.topic, body, None, None, 1, now, deadline,
+                                         headers if headers is not None else {}, seq)), frames
 
 
 def encode_headers(headers: Mapping[str, Any]) -> bytes:

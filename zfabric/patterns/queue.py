@@ -19,9 +19,9 @@ import zmq
 from .. import codec
 from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
-from .._socket import ZERO_COPY_MIN, AnyContext, PeerWatch, SocketOwner, send_frames
+from .._socket import AnyContext, PeerWatch, SocketOwner, send_frames
 from ..endpoint import EndpointArg, parse_many
-from ..envelope import Envelope, IdSource, Kind
+from ..envelope import Envelope, IdSource
 from ..errors import ConfigError, ReadyTimeout, SendTimeout
 from ..options import UNSET, SocketOptions, Unset
 
@@ -68,36 +68,34 @@ class _ProducerBase(SocketOwner):
         now = time.time()
         return self._stamp.encode(body, now, None if ttl is None else now + ttl, headers)
 
-    def _envelope(self, body: Any, headers: Mapping[str, Any] | None, ttl: float | None) -> Envelope:
-        now = time.time()
-        return Envelope(
-            self._ids.next(), Kind.MESSAGE, self.queue, body, None, None, 1, now,
-            None if ttl is None else now + ttl, headers if headers is not None else {}, None,
-        )
-
     def _batches(self, bodies: Iterable[Any], headers: Mapping[str, Any] | None,
                  ttl: float | None) -> list[tuple[list[Envelope], list[Any]]]:
-        """(envelopes, frames) per ZeroMQ message: up to BATCH_COUNT small envelopes or BATCH_BYTES of
-        bodies together; a body of ZERO_COPY_MIN bytes or more goes alone, without a copy."""
+        """(envelopes, frames) per ZeroMQ message: up to BATCH_COUNT small messages or BATCH_BYTES together
+        (each encoded once, as a one-frame message is exactly a batch entry); a large body goes alone."""
         out: list[tuple[list[Envelope], list[Any]]] = []
-        group: list[Envelope] = []
+        envs: list[Envelope] = []
+        parts: list[bytes] = []
         size = 0
 
         def close() -> None:
-            nonlocal group, size
-            if group:
-                out.append((group, codec.encode(group[0]) if len(group) == 1 else codec.encode_batch(group)))
-            group, size = [], 0
+            nonlocal envs, parts, size
+            if envs:
+                out.append((envs, parts if len(parts) == 1 else codec.join_batch(parts)))
+            envs, parts, size = [], [], 0
 
+        now = time.time()
+        deadline = None if ttl is None else now + ttl
+        encode = self._stamp.encode
         for body in bodies:
-            env = self._envelope(body, headers, ttl)
-            if isinstance(body, (bytes, bytearray, memoryview)) and len(body) >= ZERO_COPY_MIN:
+            env, frames = encode(body, now, deadline, headers)
+            if len(frames) > 1:  # a large body keeps its own frame, uncopied
                 close()
-                out.append(([env], codec.encode(env)))
+                out.append(([env], frames))
                 continue
-            group.append(env)
-            size += len(body) if isinstance(body, (bytes, str)) else 64
-            if len(group) >= BATCH_COUNT or size >= BATCH_BYTES:
+            envs.append(env)
+            parts.append(frames[0])
+            size += len(frames[0])
+            if len(envs) >= BATCH_COUNT or size >= BATCH_BYTES:
                 close()
         close()
         return out
@@ -129,9 +127,14 @@ class Producer(_ProducerBase):
     def send(self, body: Any, *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
              timeout: float | None | Unset = UNSET) -> Envelope:
         """Send one message; returns its envelope. Blocks while the queue is full, at most `timeout` s."""
-        self._check_open()
+        if self._closed:
+            self._check_open()
         env, frames = self._encode(body, headers, ttl)
-        self._send(frames, self.send_timeout if timeout is UNSET else timeout)  # type: ignore[arg-type]
+        limit = self.send_timeout if timeout is UNSET else timeout
+        if limit is None and len(frames) == 1:
+            self._sock.send(frames[0])
+        else:
+            self._send(frames, limit)  # type: ignore[arg-type]
         self.stats.sent += 1
         return env
 
@@ -281,6 +284,7 @@ class AsyncProducer(_ProducerBase):
 class _ConsumerBase(Inbox):
     _socket_type = zmq.PULL
     _batches = True
+    _one_frame = True
 
     def __init__(
         self,
