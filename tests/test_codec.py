@@ -27,8 +27,8 @@ def test_round_trip_keeps_every_field() -> None:
 def test_small_messages_travel_as_one_frame_and_large_bodies_as_their_own() -> None:
     assert len(codec.encode(sample())) == 1
     assert len(codec.encode(sample(body=b"x" * 100))) == 1
-    for body, frames in [("s" * (codec.INLINE_MAX - 4), 1), ("s" * codec.INLINE_MAX, 2),
-                         (b"r" * (codec.INLINE_MAX - 1), 1), (b"r" * codec.INLINE_MAX, 2)]:
+    for body, frames in [("s" * (codec.INLINE_MAX * 2), 1), (b"r" * (codec.INLINE_MAX - 1), 1),
+                         (b"r" * codec.INLINE_MAX, 2), (bytearray(b"r" * codec.INLINE_MAX), 2)]:
         env = sample(body=body)
         encoded = codec.encode(env)
         assert len(encoded) == frames, (len(body), type(body))

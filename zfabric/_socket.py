@@ -7,7 +7,7 @@ Patterns speak in endpoints, options and envelopes; they ask this module for a s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -165,6 +165,7 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) ->
 
 
 _POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _zmq_poll = zmq.zmq_poll
 
@@ -183,6 +184,18 @@ def readable(sock: zmq.Socket[Any], timeout_ms: int) -> bool:
 def has_message(sock: zmq.Socket[Any]) -> bool:
     """Whether a message is waiting on a sync socket right now (no exception when not, unlike a NOBLOCK recv)."""
     return bool(sock.getsockopt(_EVENTS) & _POLLIN)  # type: ignore[operator]
+
+
+def waiting(sock: zmq.Socket[Any], limit: int = 1 << 62, receive: Callable[..., Any] | None = None) -> Iterator[Any]:
+    """The messages waiting on a sync socket now, at most `limit`, each as `receive(sock, NOBLOCK)` returns it
+    (default: recv_frames). Draining until one receive finds nothing costs one exception per drain; asking
+    `has_message` first costs about 1.5 us per message (the EVENTS option makes libzmq process commands)."""
+    get = recv_frames if receive is None else receive
+    for _ in range(limit):
+        try:
+            yield get(sock, _NOBLOCK)
+        except zmq.Again:
+            return
 
 
 def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:

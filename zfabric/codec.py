@@ -1,8 +1,8 @@
 """Envelope <-> ZeroMQ frames, msgpack only (never pickle). The layout is docs/wire.md.
 
-A message is one frame when its body is small: the header array with the body appended,
-decoded in one msgpack call. A large body travels as a frame of its own, `[header, body]`,
-so it is never copied into an encoder. Published messages put the topic first, so ZeroMQ's
+A message is one frame, the header array with the body appended, decoded in one msgpack
+call; a large raw (bytes) body travels as a frame of its own, `[header, body]`, so it is
+never copied into an encoder. Published messages put the topic first, so ZeroMQ's
 prefix matching works at every hop. Every failure to decode raises `DecodeError` carrying
 the raw frames.
 """
@@ -10,7 +10,7 @@ the raw frames.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -26,7 +26,8 @@ BODY_RAW = 1
 HEADER_FIELDS = 12
 """A v1 header has at least this many elements; later minor revisions may append more."""
 INLINE_MAX = 16 * 1024
-"""Bodies that encode to fewer bytes than this travel inside the header frame (one frame per message)."""
+"""Raw (bytes) bodies this long or longer travel in a frame of their own, never copied; every other body
+travels inside the header frame (one frame per message)."""
 
 CONTROL_PREFIX = b"\x00"
 """Topics starting with this byte are fabric control traffic, never user messages."""
@@ -111,11 +112,33 @@ def encode_header(env: Envelope, body_format: int) -> bytes:
         raise EncodeError(f"envelope header is not msgpack-serializable (check headers): {exc}") from exc
 
 
-def encode(env: Envelope) -> list[Any]:
+def encode(env: Envelope, pack: Callable[[Any], bytes] = msgpack.packb) -> list[Any]:
     """The frames of a point-to-point or request-reply message: `[message]`, or `[header, body]`
-    when the body is INLINE_MAX bytes or more."""
-    fmt, body = encode_body(env.body)
-    return join_frames(encode_header(env, fmt), fmt, body)
+    when the body is raw bytes of INLINE_MAX or more. `pack`: a sender's own `msgpack.Packer().pack`."""
+    return encode_fields(pack, env.kind, env.id, env.topic, env.correlation_id, env.reply_to, env.attempt,
+                         env.created_at, env.deadline, env.headers, env.seq, env.body)
+
+
+def encode_fields(pack: Callable[[Any], bytes], kind: Kind, id_: bytes, topic: str, correlation_id: bytes | None,
+                  reply_to: str | None, attempt: int, created_at: float, deadline: float | None,
+                  headers: Mapping[str, Any], seq: int | None, body: Any) -> list[Any]:
+    """`encode` without an Envelope to hold the fields (a replier's answers need none): one msgpack call."""
+    raw = isinstance(body, _RAW_TYPES)
+    if raw and len(body) >= INLINE_MAX:
+        fields = [VERSION, int(kind), id_, topic, correlation_id, reply_to, attempt, created_at, deadline,
+                  headers if type(headers) is dict else dict(headers), seq, BODY_RAW]
+        return [_pack_checked(pack, fields, body), body]
+    entry = [VERSION, int(kind), id_, topic, correlation_id, reply_to, attempt, created_at, deadline,
+             headers if type(headers) is dict else dict(headers), seq, BODY_RAW if raw else BODY_MSGPACK, body]
+    return [_pack_checked(pack, entry, body)]
+
+
+def _pack_checked(pack: Callable[[Any], bytes], fields: list[Any], body: Any) -> bytes:
+    try:
+        return pack(fields)
+    except (TypeError, ValueError, OverflowError) as exc:
+        encode_body(body)  # raises EncodeError naming the body's type, if the body is the culprit
+        raise EncodeError(f"envelope header is not msgpack-serializable (check headers): {exc}") from exc
 
 
 def encode_split(env: Envelope) -> list[Any]:
@@ -127,13 +150,6 @@ def encode_split(env: Envelope) -> list[Any]:
 def encode_published(env: Envelope) -> list[Any]:
     """`[topic, message]` or `[topic, header, body]` frames for a published message."""
     return [env.topic.encode(), *encode(env)]
-
-
-def join_frames(header: bytes, fmt: int, body: Any) -> list[Any]:
-    """`[header + body]` for a small encoded body (the 12-element header array becomes 13), else `[header, body]`."""
-    if len(body) >= INLINE_MAX:
-        return [header, body]
-    return [b"".join((_ARRAY13, memoryview(header)[1:], body if fmt == BODY_MSGPACK else msgpack.packb(body)))]
 
 
 def decode(frames: Sequence[bytes]) -> Envelope:
@@ -351,16 +367,17 @@ class Stamp:
 
     def encode(self, body: Any, now: float, deadline: float | None = None,
                headers: Mapping[str, Any] | None = None, seq: int | None = None) -> tuple[Envelope, list[Any]]:
-        """(envelope, frames) of a new message: one frame for a small body, `[header, body]` for a large one."""
+        """(envelope, frames) of a new message: one frame, or `[header, body]` for raw bytes of INLINE_MAX or more."""
         if isinstance(body, _RAW_TYPES):
             fmt, payload = BODY_RAW, body
+            inline = len(body) < INLINE_MAX
         else:
+            inline = True
             fmt = BODY_MSGPACK
             try:
                 payload = self._packb(body)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise EncodeError(f"body of type {type(body).__name__} is not msgpack-serializable: {exc}") from exc
-        inline = len(payload) < INLINE_MAX
         head = self._pack(self._pre13 if inline else self._pre12, self._next(), self._mid, now)
         if deadline is None and not headers and seq is None:
             extras = _NO_EXTRAS[fmt]

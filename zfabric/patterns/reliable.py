@@ -24,10 +24,9 @@ from .._receive import log
 from .._socket import (
     AnyContext,
     SocketOwner,
-    has_message,
     readable,
-    recv_frames,
     send_frames,
+    waiting,
 )
 from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource, Kind
@@ -305,8 +304,8 @@ class ReliableProducer(_ReliableBase):
             blocked = self._flush_to(sock)
             wait_ms = int(flow.wait(time.monotonic()) * 1000) + 1
             if readable(sock, wait_ms) if not blocked else sock.poll(wait_ms, self._wait_events(True)):
-                while has_message(sock):
-                    done, refused = self._replies(recv_frames(sock, zmq.NOBLOCK))
+                for frames in waiting(sock):
+                    done, refused = self._replies(frames)
                     confirmed += done
                     rejected += refused
                     if on_confirm is not None:
@@ -395,8 +394,8 @@ class AsyncReliableProducer(_ReliableBase):
         flow, sock = self._flow, self._sock
         while not self._closed:
             if await sock.poll(int(flow.wait(time.monotonic()) * 1000) + 1, self._wait_events(self._blocked)):
-                while has_message(self._sync_sock):
-                    done, refused = self._replies(recv_frames(self._sync_sock, zmq.NOBLOCK))
+                for frames in waiting(self._sync_sock):
+                    done, refused = self._replies(frames)
                     for env in done:
                         fut = self._waiters.pop(env.id, None)
                         if fut is not None and not fut.done():

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import zmq
 
 from .. import codec
@@ -36,6 +37,7 @@ from .._socket import (
     recv_frames,
     recv_frames_with_user,
     send_frames,
+    waiting,
 )
 from ..endpoint import Endpoint, EndpointArg, parse_many
 from ..envelope import Envelope, IdSource, Kind
@@ -111,6 +113,7 @@ class _ReplierBase(SocketOwner):
         """Which keys may use this service (`name`); None: every key the allowlist lets in."""
         self.stats = ReplierCounters()
         self._ids = IdSource()
+        self._pack = msgpack.Packer().pack
         self._bad_log = Throttled(log)
         self._stop = threading.Event()
 
@@ -146,18 +149,19 @@ class _ReplierBase(SocketOwner):
         """The frames that answer `request` with `result` or with the exception `exc`."""
         if exc is None:
             try:
-                fmt, payload = codec.encode_body(result)
-                kind = Kind.REPLY
+                frames = self._encode_answer(Kind.REPLY, request, result)
             except EncodeError as err:
                 exc = err
-        if exc is not None:
-            self.stats.errors += 1
-            fmt, payload = codec.encode_body(error_body(exc))
-            kind = Kind.ERROR
-        else:
-            self.stats.replies += 1
-        reply = Envelope(self._ids.next(), kind, request.topic, None, request.id, None, request.attempt, time.time(), None, {}, None)
-        return [*route, *codec.join_frames(codec.encode_header(reply, fmt), fmt, payload)]
+            else:
+                self.stats.replies += 1
+                return [*route, *frames]
+        self.stats.errors += 1
+        return [*route, *self._encode_answer(Kind.ERROR, request, error_body(exc))]
+
+    def _encode_answer(self, kind: Kind, request: Envelope, body: Any) -> list[Any]:
+        """A reply's frames, packed by this replier's own Packer (replies run on one thread or loop)."""
+        return codec.encode_fields(self._pack, kind, self._ids.next(), request.topic, request.id, None, request.attempt,
+                                   time.time(), None, {}, None, body)
 
     def _undeliverable(self, exc: zmq.ZMQError) -> None:
         self.stats.undeliverable += 1
@@ -317,6 +321,7 @@ class _RequesterBase:
         self.stats = RequestCounters()
         self.flow = RequestFlow(self.stats)
         self._ids = IdSource()
+        self._pack = msgpack.Packer().pack
         self._owner = _DealerOwner(self._specs, options=options, context=context, asyncio=self._asyncio)
         self.options = self._owner.options
         self.endpoints = self._owner.endpoints
@@ -431,8 +436,8 @@ class Requester(_RequesterBase):
             if len(items) > 1 or outbox or not has_message(current):
                 zmq.zmq_poll(items, wait)
             for sock in self._sockets.values():
-                while has_message(sock):
-                    done = self._decode_reply(recv_frames(sock, _NOBLOCK))
+                for frames in waiting(sock):
+                    done = self._decode_reply(frames)
                     if done is not None and done[0] in order:
                         results[order[done[0]]] = done[1]
                         left -= 1
@@ -455,7 +460,7 @@ class Requester(_RequesterBase):
         for i, (gen, env) in enumerate(outbox):
             sock = self._sockets.get(gen) or self._sockets[self.flow.generation]
             try:
-                send_frames(sock, codec.encode(env), zmq.NOBLOCK)
+                send_frames(sock, codec.encode(env, self._pack), zmq.NOBLOCK)
             except zmq.Again:
                 return outbox[i:]
             self.stats.sent += 1
@@ -518,7 +523,7 @@ class AsyncRequester(_RequesterBase):
     def _send(self, generation: int, env: Envelope) -> None:
         # No await: the request's own timer covers a send that never completes (no replier
         # connected yet, with IMMEDIATE), and a retired socket cancels its pending sends.
-        sent = self._sockets[generation].send_multipart(codec.encode(env))
+        sent = self._sockets[generation].send_multipart(codec.encode(env, self._pack))
         sent.add_done_callback(self._sent)
 
     def _sent(self, fut: asyncio.Future[Any]) -> None:

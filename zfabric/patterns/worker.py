@@ -27,7 +27,6 @@ from .._receive import decode_counted
 from .._socket import (
     AnyContext,
     SocketOwner,
-    has_message,
     open_socket,
     readable,
     recv_frames,
@@ -212,8 +211,12 @@ class Worker(_WorkerBase):
                     send_frames(sock, hello)
                 if not readable(sock, 100):
                     continue
-                while not self._done(handled, max_messages) and has_message(sock):
-                    for env in self._incoming(recv_frames(sock, _NOBLOCK)):
+                while not self._done(handled, max_messages):
+                    try:
+                        frames = recv_frames(sock, _NOBLOCK)
+                    except zmq.Again:
+                        break
+                    for env in self._incoming(frames):
                         if self._done(handled, max_messages):
                             break
                         handled += 1

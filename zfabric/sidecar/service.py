@@ -21,12 +21,11 @@ from .. import codec
 from .._logs import Throttled
 from .._process import ChildProcess
 from .._socket import (
-    has_message,
     open_socket,
     readable,
-    recv_frames,
     recv_frames_with_user,
     send_frames,
+    waiting,
     warn_exposed,
 )
 from ..endpoint import Endpoint
@@ -205,12 +204,10 @@ class Sidecar:
         if not readable(sock, self._wait_ms()):
             return batch
         if self.permissions is None:
-            while len(batch) < DRAIN_LIMIT and has_message(sock):
-                batch.append(recv_frames(sock, _NOBLOCK))
+            batch.extend(waiting(sock, DRAIN_LIMIT))
             return batch
         self._senders.clear()
-        while len(batch) < DRAIN_LIMIT and has_message(sock):
-            frames, who = recv_frames_with_user(sock, _NOBLOCK)
+        for frames, who in waiting(sock, DRAIN_LIMIT, recv_frames_with_user):
             batch.append(frames)
             self._senders.append(who)
         return batch
