@@ -154,7 +154,7 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) ->
     """Send one multipart message from a sync socket, one C-level call per frame.
 
     pyzmq's send_multipart checks and loops in Python and costs over twice as much for the
-    two or three frames zfabric sends. libzmq queues a multipart message atomically: an
+    one to three frames zfabric sends. libzmq queues a multipart message atomically: an
     EAGAIN can only come on the first frame, and then nothing was sent.
     """
     more = _WITH_MORE.get(flags) or (int(flags) | _SNDMORE)

@@ -1,7 +1,7 @@
 """The sidecar's wire protocol: one command frame, then its arguments (docs/reliability.md draws it).
 
 Every message to or from a sidecar is `[command, ...]` after the ROUTER routing id.
-Messages travel as the two envelope frames `[header, body]` the codec makes; everything
+Messages travel in the codec's split form `[header, body]` (codec.encode_split); everything
 else is one small msgpack frame. Parsing is strict and raises DecodeError, so the
 sidecar can count and skip anything foreign.
 """
