@@ -32,7 +32,6 @@ from .._receive import decode_counted
 from .._socket import (
     AnyContext,
     SocketOwner,
-    has_message,
     open_socket,
     recv_frames,
     recv_frames_with_user,
@@ -432,24 +431,24 @@ class Requester(_RequesterBase):
             due = self.flow.next_due()
             wait = 100 if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
             current = self._sockets[self.flow.generation]
-            items = [(s, _POLLIN | (_POLLOUT if outbox and s is current else 0)) for s in self._sockets.values()]
-            if len(items) > 1 or outbox or not has_message(current):
-                zmq.zmq_poll(items, wait)
+            zmq.zmq_poll([(s, _POLLIN | (_POLLOUT if outbox and s is current else 0)) for s in self._sockets.values()], wait)
             for sock in self._sockets.values():
                 for frames in waiting(sock):
                     done = self._decode_reply(frames)
                     if done is not None and done[0] in order:
                         results[order[done[0]]] = done[1]
                         left -= 1
-            failures, resend, fresh = self.flow.expire(time.monotonic())
-            for rid, exc in failures:
-                if rid in order:
-                    results[order[rid]] = exc
-                    left -= 1
-            if fresh:
-                self._new_generation()
-            outbox.extend((self.flow.generation, env) for env in resend)
-            self._close_idle()
+            if due is not None and time.monotonic() >= due:  # some attempt timed out: fail or resend it
+                failures, resend, fresh = self.flow.expire(time.monotonic())
+                for rid, exc in failures:
+                    if rid in order:
+                        results[order[rid]] = exc
+                        left -= 1
+                if fresh:
+                    self._new_generation()
+                outbox.extend((self.flow.generation, env) for env in resend)
+            if len(self._sockets) > 1:
+                self._close_idle()
         if not return_exceptions:
             for item in results:
                 if isinstance(item, FabricError):
