@@ -339,6 +339,8 @@ _ARRAY13 = b"\x9d"
 """msgpack fixarray(13): a 12-element header array with the body appended."""
 _F64 = struct.Struct(">Bd").pack
 _U64 = struct.Struct(">BQ").pack
+_SEQ_ONLY = struct.Struct(">3sQB").pack
+"""Header elements 8-11 of a published message without deadline or headers: nil, {}, uint64 seq, format."""
 _NO_EXTRAS = {fmt: bytes((0xC0, 0x80, 0xC0, fmt)) for fmt in (BODY_MSGPACK, BODY_RAW)}
 """Header elements 8-11 with no deadline, no headers and no seq: nil, {}, nil, format."""
 
@@ -379,8 +381,8 @@ class Stamp:
             except (TypeError, ValueError, OverflowError) as exc:
                 raise EncodeError(f"body of type {type(body).__name__} is not msgpack-serializable: {exc}") from exc
         head = self._pack(self._pre13 if inline else self._pre12, self._next(), self._mid, now)
-        if deadline is None and not headers and seq is None:
-            extras = _NO_EXTRAS[fmt]
+        if deadline is None and not headers:
+            extras = _NO_EXTRAS[fmt] if seq is None else _SEQ_ONLY(b"\xc0\x80\xcf", seq, fmt)
         else:
             extras = b"".join((
                 b"\xc0" if deadline is None else _F64(0xCB, deadline),
