@@ -51,31 +51,33 @@ class ChildProcess:
 
     def start(self) -> Any:
         """Start the child and wait for its ready line; raises FabricError with its output if it fails."""
-        self._ready.clear()
+        # A fresh event per start: the reader of a child killed just before (a restart) still
+        # signals at its end of output, and must not pass for this child's readiness.
+        ready = self._ready = threading.Event()
         self._matched = False
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      stdin=subprocess.DEVNULL, start_new_session=self.detached,
                                      preexec_fn=_die_with_parent if self.detached else None)
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
-        if not self._ready.wait(self.ready_timeout) or not self._matched:
+        threading.Thread(target=self._pump, args=(self.proc, ready), daemon=True).start()
+        if not ready.wait(self.ready_timeout) or not self._matched:
             self.kill()
             raise FabricError(f"{self.what} did not become ready:\n" + "".join(self.output[-20:]))
         return self
 
-    def _pump(self, proc: subprocess.Popen[str]) -> None:
+    def _pump(self, proc: subprocess.Popen[str], ready: threading.Event) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             self.output.append(line)
             if len(self.output) > 1000:
                 del self.output[:500]
             match = self.READY.match(line)
-            if match:
+            if match and ready is self._ready:
                 self._on_ready(match)
                 self._matched = True
-                self._ready.set()
+                ready.set()
             else:
                 self._on_line(line)
-        self._ready.set()
+        ready.set()
 
     @property
     def pid(self) -> int:
