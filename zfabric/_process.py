@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import signal
 import subprocess
@@ -13,13 +15,20 @@ from typing import Any, ClassVar
 from .errors import FabricError
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux for SIGTERM when the parent exits (elsewhere: nothing)."""
+def _die_with_parent(parent: int) -> None:
+    """In the child before exec: ask Linux for SIGKILL when the parent exits (elsewhere: nothing).
+
+    SIGKILL, not SIGTERM: a child that hangs must not outlive a killed supervisor (one
+    forwarder, stuck in a lock, once ignored SIGTERM for an hour). Every child is crash-safe
+    by design; a supervisor that stops normally still stops its children with SIGTERM.
+    """
     if sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
 
 
 class ChildProcess:
@@ -37,7 +46,7 @@ class ChildProcess:
         self.ready_timeout = ready_timeout
         self.detached = detached
         """Run in its own session (a terminal's Ctrl-C reaches only the parent, which stops children in order);
-        on Linux it is also sent SIGTERM if the parent dies, so a killed supervisor leaves no orphans."""
+        on Linux it is also killed if the parent dies, so a killed supervisor leaves no orphans."""
         self.proc: subprocess.Popen[str] | None = None
         self.output: list[str] = []
         self._ready = threading.Event()
@@ -57,7 +66,7 @@ class ChildProcess:
         self._matched = False
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      stdin=subprocess.DEVNULL, start_new_session=self.detached,
-                                     preexec_fn=_die_with_parent if self.detached else None)
+                                     preexec_fn=functools.partial(_die_with_parent, os.getpid()) if self.detached else None)
         threading.Thread(target=self._pump, args=(self.proc, ready), daemon=True).start()
         if not ready.wait(self.ready_timeout) or not self._matched:
             self.kill()
