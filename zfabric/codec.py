@@ -9,6 +9,7 @@ the raw frames.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -112,25 +113,24 @@ def encode_header(env: Envelope, body_format: int) -> bytes:
         raise EncodeError(f"envelope header is not msgpack-serializable (check headers): {exc}") from exc
 
 
-def encode(env: Envelope, pack: Callable[[Any], bytes] = msgpack.packb) -> list[Any]:
+def encode(env: Envelope, pack: Callable[[Any], bytes] = msgpack.packb, split_at: float = INLINE_MAX) -> list[Any]:
     """The frames of a point-to-point or request-reply message: `[message]`, or `[header, body]`
-    when the body is raw bytes of INLINE_MAX or more. `pack`: a sender's own `msgpack.Packer().pack`."""
+    when the body is raw bytes of `split_at` or more. `pack`: a sender's own `msgpack.Packer().pack`."""
     return encode_fields(pack, env.kind, env.id, env.topic, env.correlation_id, env.reply_to, env.attempt,
-                         env.created_at, env.deadline, env.headers, env.seq, env.body)
+                         env.created_at, env.deadline, env.headers, env.seq, env.body, split_at)
 
 
 def encode_fields(pack: Callable[[Any], bytes], kind: Kind, id_: bytes, topic: str, correlation_id: bytes | None,
                   reply_to: str | None, attempt: int, created_at: float, deadline: float | None,
-                  headers: Mapping[str, Any], seq: int | None, body: Any) -> list[Any]:
+                  headers: Mapping[str, Any], seq: int | None, body: Any, split_at: float = INLINE_MAX) -> list[Any]:
     """`encode` without an Envelope to hold the fields (a replier's answers need none): one msgpack call."""
     raw = isinstance(body, _RAW_TYPES)
-    if raw and len(body) >= INLINE_MAX:
-        fields = [VERSION, int(kind), id_, topic, correlation_id, reply_to, attempt, created_at, deadline,
-                  headers if type(headers) is dict else dict(headers), seq, BODY_RAW]
+    fields = [VERSION, int(kind), id_, topic, correlation_id, reply_to, attempt, created_at, deadline,
+              headers if type(headers) is dict else dict(headers), seq, BODY_RAW if raw else BODY_MSGPACK]
+    if raw and len(body) >= split_at:
         return [_pack_checked(pack, fields, body), body]
-    entry = [VERSION, int(kind), id_, topic, correlation_id, reply_to, attempt, created_at, deadline,
-             headers if type(headers) is dict else dict(headers), seq, BODY_RAW if raw else BODY_MSGPACK, body]
-    return [_pack_checked(pack, entry, body)]
+    fields.append(body)
+    return [_pack_checked(pack, fields, body)]
 
 
 def _pack_checked(pack: Callable[[Any], bytes], fields: list[Any], body: Any) -> bytes:
@@ -288,22 +288,10 @@ def is_batch(frames: Sequence[bytes]) -> bool:
 def encode_batch(envs: Sequence[Envelope]) -> list[bytes]:
     """`[batch header, entries]`: many point-to-point envelopes in one ZeroMQ message.
 
-    Each entry is a v1 header array with the body appended (msgpack bodies inline, raw
-    bodies as bin), so the receiver decodes the whole batch in one msgpack call.
+    Each entry is a one-frame message (a v1 header array with the body appended, raw bodies
+    as bin whatever their size), so the receiver decodes the whole batch in one msgpack call.
     """
-    entries = []
-    for env in envs:
-        fmt, body = (BODY_RAW, bytes(env.body)) if isinstance(env.body, _RAW_TYPES) else (BODY_MSGPACK, env.body)
-        entries.append([VERSION, int(env.kind), env.id, env.topic, env.correlation_id, env.reply_to, env.attempt,
-                        env.created_at, env.deadline, env.headers if type(env.headers) is dict else dict(env.headers),
-                        env.seq, fmt, body])
-    try:
-        payload = msgpack.packb(entries)
-    except (TypeError, ValueError, OverflowError):
-        for env in envs:  # name the culprit
-            encode(env)
-        raise
-    return [msgpack.packb([VERSION, BATCH_MARK, len(entries)]), payload]
+    return join_batch([encode(env, split_at=math.inf)[0] for env in envs])
 
 
 def join_batch(messages: Sequence[bytes]) -> list[bytes]:

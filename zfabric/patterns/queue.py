@@ -244,14 +244,10 @@ class AsyncProducer(_ProducerBase):
         sent: list[Envelope] = []
         for envs, frames in self._batches(bodies, headers, ttl):
             try:
-                if limit is None:
-                    await self._sock.send_multipart(frames, copy=False)
-                else:
-                    await asyncio.wait_for(self._sock.send_multipart(frames, copy=False), limit)
-            except TimeoutError:
-                exc = self._timed_out(limit or 0.0)
+                await self._send(frames, limit)
+            except SendTimeout as exc:
                 exc.sent = sent
-                raise exc from None
+                raise
             sent += envs
             self.stats.sent += len(envs)
         return sent
