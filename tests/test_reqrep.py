@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 import zmq
 
-from zfabric import Envelope, RemoteError, RequestTimeout, codec
+from zfabric import ConfigError, Envelope, RemoteError, RequestTimeout, codec
 from zfabric.envelope import IdSource, Kind
 
 from .conftest import Processes
@@ -192,3 +193,104 @@ def test_a_frozen_replier_is_bypassed_by_retries(face: Face, processes: Processe
         assert requester.stats.retries >= 1
     finally:
         echoes[0].send_signal(signal.SIGCONT)
+
+
+def _requests_in(frames: list[bytes]) -> list[Envelope]:
+    return codec.decode_batch(frames) if codec.is_batch(frames) else [codec.decode(frames)]
+
+
+def test_request_many_batches_requests_per_replier_and_takes_batched_or_single_replies(face: Face, ctx: zmq.Context) -> None:
+    routers = [silent_router(ctx) for _ in range(2)]
+    requester = face.requester([e for _, e in routers], timeout=10.0, retries=0)
+    outcome: list[Any] = []
+    caller = threading.Thread(target=lambda: outcome.append(requester.request_many(list(range(250)))))
+    caller.start()
+    try:
+        got: list[tuple[zmq.Socket, bytes, list[Envelope]]] = []
+        while sum(len(envs) for *_, envs in got) < 250:
+            ready = [s for s, _ in routers if s.poll(5000, zmq.POLLIN)]
+            assert ready, "requests missing"
+            for sock in ready:
+                route, *frames = sock.recv_multipart()
+                got.append((sock, route, _requests_in(frames)))
+        sizes = sorted(len(envs) for *_, envs in got)
+        assert sizes == [61, 63, 63, 63], sizes  # at most 100 per message, as many messages for each replier
+        for sock, route, envs in got:  # answer a batch in two parts: a batch of replies, then single ones
+            answers = [codec.encode(Envelope(IdSource().next(), Kind.REPLY, "", env.body * 10, env.id,
+                                             created_at=time.time()), split_at=math.inf)[0] for env in envs]
+            half = len(answers) // 2
+            sock.send_multipart([route, *codec.join_batch(answers[:half])])
+            for answer in answers[half:]:
+                sock.send_multipart([route, answer])
+    finally:
+        caller.join(15)
+    assert outcome == [[n * 10 for n in range(250)]]
+    assert requester.stats.replies == 250 and requester.stats.sent == 250 and requester.stats.stray_replies == 0
+
+
+def test_request_many_batch_one_sends_each_request_on_its_own(face: Face, ctx: zmq.Context) -> None:
+    router, endpoint = silent_router(ctx)
+    requester = face.requester(endpoint, timeout=0.2, retries=0)
+    with pytest.raises(ConfigError, match="batch"):
+        requester.request_many([1, 2], batch=0)
+    requester.request_many(list(range(5)), batch=1, return_exceptions=True)
+    messages = []
+    while router.poll(200, zmq.POLLIN):
+        messages.append(router.recv_multipart()[1:])
+    assert [len(_requests_in(m)) for m in messages] == [1] * 5
+
+
+def test_a_batch_part_without_replies_is_retried_request_by_request(face: Face, ctx: zmq.Context) -> None:
+    router, endpoint = silent_router(ctx)
+    requester = face.requester(endpoint, timeout=0.5, retries=1)
+    outcome: list[Any] = []
+    caller = threading.Thread(target=lambda: outcome.append(requester.request_many(list(range(10)))))
+    caller.start()
+    try:
+        assert router.poll(5000, zmq.POLLIN)
+        route, *frames = router.recv_multipart()
+        first = _requests_in(frames)
+        assert len(first) == 10
+        for env in first[::2]:  # only the even ones are answered; the odd ones time out and go again
+            reply = Envelope(IdSource().next(), Kind.REPLY, "", env.body, env.id, created_at=time.time())
+            router.send_multipart([route, *codec.encode(reply)])
+        retried = []
+        while len(retried) < 5:
+            assert router.poll(5000, zmq.POLLIN), f"only {len(retried)} retries arrived"
+            route, *frames = router.recv_multipart()
+            retried += _requests_in(frames)
+        assert sorted(env.body for env in retried) == [1, 3, 5, 7, 9]
+        assert {env.attempt for env in retried} == {2}
+        for env in retried:
+            reply = Envelope(IdSource().next(), Kind.REPLY, "", env.body, env.id, created_at=time.time())
+            router.send_multipart([route, *codec.encode(reply)])
+    finally:
+        caller.join(10)
+    assert outcome == [list(range(10))]
+    assert requester.stats.retries == 5
+
+
+def test_a_replier_answers_a_batch_as_it_goes_and_refuses_what_is_not_a_request(face: Face, ctx: zmq.Context) -> None:
+    started: list[float] = []
+
+    def slow(env: Envelope) -> Any:
+        started.append(time.monotonic())
+        time.sleep(0.05)
+        return env.body + 1
+
+    replier = face.replier("tcp://127.0.0.1:0", slow, **({"concurrency": 1} if face.is_async else {}))
+    raw = ctx.socket(zmq.DEALER)
+    raw.connect(replier.endpoint)
+    ids = IdSource()
+    requests = [Envelope(ids.next(), Kind.REQUEST, "", n, created_at=time.time()) for n in range(5)]
+    stray = Envelope(ids.next(), Kind.REPLY, "", 99, created_at=time.time())
+    raw.send_multipart(codec.encode_batch([requests[0], stray, *requests[1:]]))
+    replies: list[Envelope] = []
+    first_at = None
+    while len(replies) < 5:
+        assert raw.poll(5000, zmq.POLLIN), f"{len(replies)} of 5 replies"
+        replies += _requests_in(raw.recv_multipart())
+        first_at = first_at or time.monotonic()
+    assert {r.correlation_id: r.body for r in replies} == {e.id: e.body + 1 for e in requests}
+    assert first_at < started[-1], "the first reply waited for the whole batch"
+    assert replier.stats.invalid == 1 and replier.stats.requests == 5 and replier.stats.replies == 5

@@ -285,13 +285,13 @@ def is_batch(frames: Sequence[bytes]) -> bool:
     return len(frames) == 2 and frames[0][:3] == BATCH_PREFIX
 
 
-def encode_batch(envs: Sequence[Envelope]) -> list[bytes]:
+def encode_batch(envs: Sequence[Envelope], pack: Callable[[Any], bytes] = msgpack.packb) -> list[bytes]:
     """`[batch header, entries]`: many point-to-point envelopes in one ZeroMQ message.
 
     Each entry is a one-frame message (a v1 header array with the body appended, raw bodies
     as bin whatever their size), so the receiver decodes the whole batch in one msgpack call.
     """
-    return join_batch([encode(env, split_at=math.inf)[0] for env in envs])
+    return join_batch([encode(env, pack, math.inf)[0] for env in envs])
 
 
 def join_batch(messages: Sequence[bytes]) -> list[bytes]:
@@ -321,6 +321,11 @@ def decode_batch(frames: Sequence[bytes]) -> list[Envelope]:
             env = _from_entry(entry, frames)
         out.append(env)
     return out
+
+
+def decode_many(frames: Sequence[bytes]) -> list[Envelope]:
+    """The envelopes in `frames`: a batch's entries in order, or the one message they carry."""
+    return decode_batch(frames) if is_batch(frames) else [decode(frames)]
 
 
 _ARRAY13 = b"\x9d"

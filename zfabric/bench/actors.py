@@ -171,8 +171,11 @@ def echo_server(impl: str) -> None:
         replier.serve()
 
 
-def rr_client(impl: str, endpoint: str, count: int, inflight: int, size: int) -> None:
-    """`count` requests, `inflight` at a time: round-trip times (inflight 1) or total time."""
+def rr_client(impl: str, endpoint: str, count: int, inflight: int, size: int, batch: int | None = None) -> None:
+    """`count` requests, `inflight` at a time: round-trip times (inflight 1) or total time.
+
+    `batch`: zfabric's `request_many(batch=...)` (None: its default, one batch per replier; 1: one request
+    per ZeroMQ message, as raw sends them)."""
     body = body_of(size)
     rtts: list[float] = []
     if impl == "raw":
@@ -216,7 +219,7 @@ def rr_client(impl: str, endpoint: str, count: int, inflight: int, size: int) ->
             else:
                 many = requester.request_many
                 for _ in range(count // inflight):
-                    many([body] * inflight)
+                    many([body] * inflight, batch=batch)
             elapsed = clock() - start
     emit(result={"count": count if inflight == 1 else count // inflight * inflight, "seconds": elapsed,
                  "rtts": rtts})

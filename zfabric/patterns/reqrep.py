@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import threading
 import time
 import traceback
@@ -66,6 +67,12 @@ def error_body(exc: BaseException) -> dict[str, str]:
 # ---- replier ---------------------------------------------------------------------------
 
 
+BATCH_REPLY_AFTER = 0.002
+"""A replier answering a batch of requests sends the replies gathered so far once this many seconds passed."""
+BATCH_MAX = 100
+"""Requests per ZeroMQ message at most when `request_many` batches them."""
+BATCH_BYTES = 1 << 20
+"""A batch being built is sent once its encoded requests reach this many bytes."""
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
@@ -116,26 +123,31 @@ class _ReplierBase(SocketOwner):
         self._bad_log = Throttled(log)
         self._stop = threading.Event()
 
-    def _parse(self, frames: list[bytes], who: str | None = None) -> tuple[list[bytes], Envelope] | None:
-        """(routing prefix, request) for a valid request a permitted key sent; None (counted) otherwise."""
+    def _parse(self, frames: list[bytes], who: str | None = None) -> tuple[list[bytes], list[Envelope]] | None:
+        """(routing prefix, requests) for a valid request, or batch of them, that a permitted key sent;
+        None (counted) when nothing in it is one."""
         if len(frames) >= 3 and frames[1] == b"":  # from a REQ socket: [id, "", message...]
             route, payload = frames[:2], frames[2:]
         else:
             route, payload = frames[:1], frames[1:]
-        env = decode_counted(payload, self.stats, self._who)
-        if env is None:
+        envs = decode_counted(payload, self.stats, self._who, codec.decode_many)
+        if envs is None:
             return None
-        if env.kind is not Kind.REQUEST:
-            self.stats.invalid += 1
-            self._bad_log.warning("kind", "replier %s: ignored a %s envelope (expected a request)", self.endpoint, env.kind.name)
-            return None
+        self.stats.received += len(envs) - 1
         if self.permissions is not None and not self.permissions.may_use_service(who, self.name):
-            self.stats.denied += 1
+            self.stats.denied += len(envs)
             self._bad_log.warning(f"denied|{who}", "replier %s: key %s may not use service %r; request dropped",
                                   self.endpoint, who, self.name)
             return None
-        self.stats.requests += 1
-        return route, env
+        requests = [env for env in envs if env.kind is Kind.REQUEST]
+        if len(requests) < len(envs):
+            self.stats.invalid += len(envs) - len(requests)
+            kind = next(env.kind for env in envs if env.kind is not Kind.REQUEST)
+            self._bad_log.warning("kind", "replier %s: ignored a %s envelope (expected a request)", self.endpoint, kind.name)
+        if not requests:
+            return None
+        self.stats.requests += len(requests)
+        return route, requests
 
     def _wanted(self, request: Envelope) -> bool:
         """False (and counted) when the requester's deadline passed before the handler could run."""
@@ -144,23 +156,25 @@ class _ReplierBase(SocketOwner):
             return False
         return True
 
-    def _reply(self, route: list[bytes], request: Envelope, result: Any = None, exc: BaseException | None = None) -> list[Any]:
-        """The frames that answer `request` with `result` or with the exception `exc`."""
+    def _reply(self, route: list[bytes], request: Envelope, result: Any = None, exc: BaseException | None = None,
+               split_at: float = codec.INLINE_MAX) -> list[Any]:
+        """The frames that answer `request` with `result` or with the exception `exc`
+        (`split_at=math.inf`: always one frame, as a batch entry must be)."""
         if exc is None:
             try:
-                frames = self._encode_answer(Kind.REPLY, request, result)
+                frames = self._encode_answer(Kind.REPLY, request, result, split_at)
             except EncodeError as err:
                 exc = err
             else:
                 self.stats.replies += 1
                 return [*route, *frames]
         self.stats.errors += 1
-        return [*route, *self._encode_answer(Kind.ERROR, request, error_body(exc))]
+        return [*route, *self._encode_answer(Kind.ERROR, request, error_body(exc), split_at)]
 
-    def _encode_answer(self, kind: Kind, request: Envelope, body: Any) -> list[Any]:
+    def _encode_answer(self, kind: Kind, request: Envelope, body: Any, split_at: float) -> list[Any]:
         """A reply's frames, packed by this replier's own Packer (replies run on one thread or loop)."""
         return codec.encode_fields(self._pack, kind, self._ids.next(), request.topic, request.id, None, request.attempt,
-                                   time.time(), None, {}, None, body)
+                                   time.time(), None, {}, None, body, split_at)
 
     def _undeliverable(self, exc: zmq.ZMQError) -> None:
         self.stats.undeliverable += 1
@@ -175,21 +189,48 @@ class _ReplierBase(SocketOwner):
 class Replier(_ReplierBase):
     """Serves requests with a handler, one at a time, in the thread that calls serve()."""
 
-    def handle_one(self, frames: list[bytes], who: str | None = None) -> None:
-        """Answer one received message from key `who` (or count why not)."""
+    def handle_one(self, frames: list[bytes], who: str | None = None) -> int:
+        """Answer one received message (a request, or a batch of them) from key `who`, or count why not;
+        returns how many requests it held.
+
+        A batch is answered in batches: the replies gathered go out whenever BATCH_REPLY_AFTER
+        has passed since the last went out, so a slow handler late in a batch does not hold
+        back the answers before it.
+        """
         parsed = self._parse(frames, who)
         if parsed is None:
-            return
-        route, request = parsed
-        if not self._wanted(request):
-            return
+            return 0
+        route, requests = parsed
+        if len(requests) == 1:
+            request = requests[0]
+            if self._wanted(request):
+                self._send_reply(route, self._answer_frames(request, codec.INLINE_MAX), 1)
+            return 1
+        answers: list[bytes] = []
+        since = time.monotonic()
+        for request in requests:
+            if not self._wanted(request):
+                continue
+            answers += self._answer_frames(request, math.inf)
+            now = time.monotonic()
+            if now - since >= BATCH_REPLY_AFTER:
+                self._send_reply(route, codec.join_batch(answers) if len(answers) > 1 else answers, len(answers))
+                answers, since = [], now
+        if answers:
+            self._send_reply(route, codec.join_batch(answers) if len(answers) > 1 else answers, len(answers))
+        return len(requests)
+
+    def _answer_frames(self, request: Envelope, split_at: float) -> list[Any]:
+        """The handler's answer to `request` as frames (without a route)."""
         try:
-            out = self._reply(route, request, self.handler(request))
+            return self._reply([], request, self.handler(request), split_at=split_at)
         except Exception as exc:
-            out = self._reply(route, request, exc=exc)
+            return self._reply([], request, exc=exc, split_at=split_at)
+
+    def _send_reply(self, route: list[bytes], frames: list[Any], count: int) -> None:
         try:
-            send_frames(self._sock, out, zmq.NOBLOCK)
-            self.stats.sent += 1
+            send_frames(self._sock, [*route, *frames], zmq.NOBLOCK)
+            self.stats.sent += count
         except zmq.ZMQError as exc:
             self._undeliverable(exc)
 
@@ -208,8 +249,7 @@ class Replier(_ReplierBase):
                     frames, who = recv_frames_with_user(sock) if checked else (recv_frames(sock), None)
                 except zmq.Again:
                     continue
-                self.handle_one(frames, who)
-                handled += 1
+                handled += self.handle_one(frames, who) or 1
         finally:
             sock.setsockopt(zmq.RCVTIMEO, -1)
 
@@ -281,10 +321,13 @@ class AsyncReplier(_ReplierBase):
                 parsed = self._parse([f.bytes for f in raw], who if isinstance(who, str) else None)
                 if parsed is None:
                     continue
-                await self._limit.acquire()
-                task = asyncio.ensure_future(self._answer(*parsed))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                route, requests = parsed
+                handled += len(requests) - 1
+                for request in requests:  # each answered on its own: handlers run concurrently
+                    await self._limit.acquire()
+                    task = asyncio.ensure_future(self._answer(route, request))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
         finally:
@@ -349,9 +392,52 @@ class _RequesterBase:
                        headers if headers is not None else {}, None)
         return env, t, r
 
-    def _decode_reply(self, frames: list[bytes]) -> tuple[bytes, Any] | None:
-        env = decode_counted(frames, self.stats, self._who)
-        return None if env is None else self.flow.on_reply(env)
+    def _decode_replies(self, frames: list[bytes]) -> list[tuple[bytes, Any]]:
+        """(request id, outcome) of each reply to a pending request in one received message (a reply or a batch)."""
+        envs = decode_counted(frames, self.stats, self._who, codec.decode_many)
+        if envs is None:
+            return []
+        if len(envs) == 1:
+            done = self.flow.on_reply(envs[0])
+            return [] if done is None else [done]
+        self.stats.received += len(envs) - 1
+        on_reply = self.flow.on_reply
+        return [done for env in envs if (done := on_reply(env)) is not None]
+
+    def _batch_size(self, count: int, batch: int | None) -> int:
+        """Requests per ZeroMQ message for `count` requests: spread over the repliers this requester
+        connects to (a batch goes to one replier), at most BATCH_MAX; 1 when it binds (how many
+        repliers connect is unknown)."""
+        if batch is not None:
+            if type(batch) is not int or batch < 1:
+                raise ConfigError(f"batch must be a positive integer, got {batch!r}")
+            return batch
+        connected = sum(1 for spec in self._specs if not spec.bind)
+        if connected == 0 or count <= 1:
+            return 1
+        messages = -(-count // BATCH_MAX)
+        messages = -(-messages // connected) * connected  # as many to each replier
+        return -(-count // messages)
+
+    def _messages(self, envs: Sequence[Envelope], per: int) -> list[tuple[list[Any], int]]:
+        """(frames, request count) of the ZeroMQ messages that carry `envs`: batches of up to `per`
+        requests and about BATCH_BYTES, a large raw body in a message of its own (never copied)."""
+        out: list[tuple[list[Any], int]] = []
+        entries: list[bytes] = []
+        size = 0
+        for env in envs:
+            frames = codec.encode(env, self._pack)
+            if per == 1 or len(frames) > 1:
+                out.append((frames, 1))
+                continue
+            entries.append(frames[0])
+            size += len(frames[0])
+            if len(entries) >= per or size >= BATCH_BYTES:
+                out.append((codec.join_batch(entries) if len(entries) > 1 else entries, len(entries)))
+                entries, size = [], 0
+        if entries:
+            out.append((codec.join_batch(entries) if len(entries) > 1 else entries, len(entries)))
+        return out
 
     def _new_generation(self) -> Any:
         sock, _ = open_socket(self._owner._ctx, zmq.DEALER, self._specs, self.options, tune=_DealerOwner._tune)
@@ -410,20 +496,26 @@ class Requester(_RequesterBase):
 
     def request_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
                      timeout: float | Unset = UNSET, retries: int | Unset = UNSET,
-                     return_exceptions: bool = False) -> list[Any]:
+                     return_exceptions: bool = False, batch: int | None = None) -> list[Any]:
         """Reply bodies in request order, all requests in flight together.
 
+        Requests travel in batches (many per ZeroMQ message, answered in batches): by default
+        spread evenly over the endpoints this requester connects to, at most BATCH_MAX per
+        message; `batch=1` sends each on its own. Each request keeps its own timeout and retries.
         With `return_exceptions`, a failed request's exception takes its place in the list;
         otherwise the first failure (in request order) is raised once all are settled.
         """
         now = time.monotonic()
         order: dict[bytes, int] = {}
-        outbox: list[tuple[int, Envelope]] = []
+        envs: list[Envelope] = []
         for body in bodies:
             env, t, r = self._request(body, headers, timeout, retries)
             self.flow.submit(env, t, r, now)
+            envs.append(env)
             order[env.id] = len(order)
-            outbox.append((self.flow.generation, env))
+        per = self._batch_size(len(envs), batch)
+        generation = self.flow.generation
+        outbox = [(generation, frames, n) for frames, n in self._messages(envs, per)]
         results: list[Any] = [None] * len(order)
         left = len(order)
         while left:
@@ -434,10 +526,10 @@ class Requester(_RequesterBase):
             zmq.zmq_poll([(s, _POLLIN | (_POLLOUT if outbox and s is current else 0)) for s in self._sockets.values()], wait)
             for sock in self._sockets.values():
                 for frames in waiting(sock, left):  # not one receive more: a receive that finds nothing costs
-                    done = self._decode_reply(frames)  # ~10 us just after a wake-up, on the round trip's path
-                    if done is not None and done[0] in order:
-                        results[order[done[0]]] = done[1]
-                        left -= 1
+                    for rid, outcome in self._decode_replies(frames):  # ~10 us just after a wake-up
+                        if rid in order:
+                            results[order[rid]] = outcome
+                            left -= 1
             if due is not None and time.monotonic() >= due:  # some attempt timed out: fail or resend it
                 failures, resend, fresh = self.flow.expire(time.monotonic())
                 for rid, exc in failures:
@@ -446,7 +538,7 @@ class Requester(_RequesterBase):
                         left -= 1
                 if fresh:
                     self._new_generation()
-                outbox.extend((self.flow.generation, env) for env in resend)
+                outbox.extend((self.flow.generation, codec.encode(env, self._pack), 1) for env in resend)
             if len(self._sockets) > 1:
                 self._close_idle()
         if not return_exceptions:
@@ -455,14 +547,15 @@ class Requester(_RequesterBase):
                     raise item
         return results
 
-    def _flush(self, outbox: list[tuple[int, Envelope]]) -> list[tuple[int, Envelope]]:
-        for i, (gen, env) in enumerate(outbox):
+    def _flush(self, outbox: list[tuple[int, list[Any], int]]) -> list[tuple[int, list[Any], int]]:
+        """Send what the sockets take now; returns the rest."""
+        for i, (gen, frames, count) in enumerate(outbox):
             sock = self._sockets.get(gen) or self._sockets[self.flow.generation]
             try:
-                send_frames(sock, codec.encode(env, self._pack), zmq.NOBLOCK)
+                send_frames(sock, frames, zmq.NOBLOCK)
             except zmq.Again:
                 return outbox[i:]
-            self.stats.sent += 1
+            self.stats.sent += count
         return []
 
 
@@ -482,23 +575,48 @@ class AsyncRequester(_RequesterBase):
                       timeout: float | Unset = UNSET, retries: int | Unset = UNSET) -> Any:
         """The reply body; raises RequestTimeout after every attempt timed out, RemoteError if the handler raised."""
         env, t, r = self._request(body, headers, timeout, retries)
+        (fut,) = self._launch([env], t, r, 1)
+        return await self._settle(env, fut)
+
+    async def request_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
+                           timeout: float | Unset = UNSET, retries: int | Unset = UNSET,
+                           return_exceptions: bool = False, batch: int | None = None) -> list[Any]:
+        """Reply bodies in request order, all in flight together (like asyncio.gather), sent in batches
+        as `Requester.request_many` sends them."""
+        envs: list[Envelope] = []
+        for body in bodies:
+            env, t, r = self._request(body, headers, timeout, retries)
+            envs.append(env)
+        if not envs:
+            return []
+        futures = self._launch(envs, t, r, self._batch_size(len(envs), batch))
+        return await asyncio.gather(*(self._settle(env, fut) for env, fut in zip(envs, futures)),
+                                    return_exceptions=return_exceptions)
+
+    def _launch(self, envs: list[Envelope], timeout: float, retries: int, per: int) -> list[asyncio.Future[Any]]:
+        """Put `envs` in flight (`per` to a ZeroMQ message); each future gets its reply or failure."""
         loop = asyncio.get_running_loop()
-        self.flow.submit(env, t, r, time.monotonic())
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._futures[env.id] = fut
-        if self.flow.generation not in self._readers:
-            self._start_reader(self.flow.generation)
-        self._send(self.flow.generation, env)
+        now = time.monotonic()
+        futures = []
+        for env in envs:
+            self.flow.submit(env, timeout, retries, now)
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._futures[env.id] = fut
+            futures.append(fut)
+        generation = self.flow.generation
+        if generation not in self._readers:
+            self._start_reader(generation)
+        for frames, count in self._messages(envs, per):
+            self._send_frames(generation, frames, count)
         self._arm_timer()
+        return futures
+
+    async def _settle(self, env: Envelope, fut: asyncio.Future[Any]) -> Any:
         try:
             return await fut
         finally:
             if self._futures.pop(env.id, None) is not None:
                 self.flow.forget(env.id)
-
-    async def request_many(self, bodies: Iterable[Any], *, return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
-        """Reply bodies in request order, all in flight together (like asyncio.gather)."""
-        return await asyncio.gather(*(self.request(b, **kwargs) for b in bodies), return_exceptions=return_exceptions)
 
     def _start_reader(self, generation: int) -> None:
         self._readers[generation] = asyncio.ensure_future(self._read(generation, self._sockets[generation]))
@@ -509,25 +627,26 @@ class AsyncRequester(_RequesterBase):
                 frames = await sock.recv_multipart()
             except (zmq.ZMQError, asyncio.CancelledError):
                 return
-            done = self._decode_reply(frames)
-            if done is not None:
-                fut = self._futures.pop(done[0], None)
+            replies = self._decode_replies(frames)
+            for rid, outcome in replies:
+                fut = self._futures.pop(rid, None)
                 if fut is not None and not fut.done():
-                    if isinstance(done[1], FabricError):
-                        fut.set_exception(done[1])
+                    if isinstance(outcome, FabricError):
+                        fut.set_exception(outcome)
                     else:
-                        fut.set_result(done[1])
+                        fut.set_result(outcome)
+            if replies:
                 self._close_idle()
 
-    def _send(self, generation: int, env: Envelope) -> None:
+    def _send_frames(self, generation: int, frames: list[Any], count: int) -> None:
         # No await: the request's own timer covers a send that never completes (no replier
         # connected yet, with IMMEDIATE), and a retired socket cancels its pending sends.
-        sent = self._sockets[generation].send_multipart(codec.encode(env, self._pack))
-        sent.add_done_callback(self._sent)
+        sent = self._sockets[generation].send_multipart(frames)
+        sent.add_done_callback(lambda fut: self._sent(fut, count))
 
-    def _sent(self, fut: asyncio.Future[Any]) -> None:
+    def _sent(self, fut: asyncio.Future[Any], count: int) -> None:
         if not fut.cancelled() and fut.exception() is None:
-            self.stats.sent += 1
+            self.stats.sent += count
 
     def _arm_timer(self) -> None:
         due = self.flow.next_due()
@@ -550,7 +669,7 @@ class AsyncRequester(_RequesterBase):
             self._new_generation()
             self._start_reader(self.flow.generation)
         for env in resend:
-            self._send(self.flow.generation, env)
+            self._send_frames(self.flow.generation, codec.encode(env, self._pack), 1)
         self._close_idle()
         self._arm_timer()
 
