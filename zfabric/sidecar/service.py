@@ -96,6 +96,8 @@ class Sidecar:
         self._counted_at = 0.0
         self._fresh: list[Entry] = []
         """Messages received in the current pass, written at its end in their final state."""
+        self._done: list[tuple[float, int]] = []
+        """(finished_at, seq) of the messages acknowledged in the current pass, written together at its end."""
 
     @classmethod
     def from_config(cls, config: SidecarConfig, **kwargs: Any) -> Sidecar:
@@ -259,6 +261,9 @@ class Sidecar:
                 delivered += [e for _, e in more]
             if delivered:
                 store.mark_delivered((e.attempts, e.worker, e.seq) for e in delivered)
+            if self._done:
+                store.mark_done(self._done)
+                self._done.clear()
             for entry in expired:
                 self._dead(store, entry, "expired", None, now)
             if purge:
@@ -267,6 +272,7 @@ class Sidecar:
             store.commit()
         except BaseException:
             self._fresh = []
+            self._done.clear()
             store.rollback()
             raise
         # Durable from here on: confirm, answer, deliver.
@@ -316,7 +322,7 @@ class Sidecar:
         elif cmd == p.ACK:
             m = p.unpack_map(frames[1:], "ACK", ("worker", "acks"))
             lease = led.leases.get(m["worker"])
-            done = []
+            done = self._done
             for message_id, attempt in p.unpack_acks(m["acks"]):
                 settled = led.settle(m["worker"], message_id, attempt)
                 if settled is None:
@@ -326,7 +332,6 @@ class Sidecar:
                 led.stats.acked += 1
                 if entry.attempts > 1 or entry.budget_base:
                     store.add_history([(entry.id, entry.attempts, now, self._who(lease), "ack", None, None, None)])
-            store.mark_done(done)
             if lease is None:
                 replies.append([route, p.WHO])
             else:
