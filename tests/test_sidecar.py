@@ -220,7 +220,8 @@ def test_hostile_frames_are_counted_and_skipped(sidecar: Sidecar, ctx: zmq.Conte
     raw = ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(sidecar.endpoint)
-    junk = [[b"PUT"], [b"PUT", b"\xc1", b"x"], [b"PUT", b"h"], [b"NOPE", b"x"], [b"ACK", b"\xc1"],
+    junk = [[b"PUT"], [b"PUT", b"\xc1", b"x"], [b"PUT", b"h"], [b"PUT", b"\x92\xc4\x01h\x01"], [b"PUT", b"\x91\xc4\x01h"],
+            [b"PUT", b"\x90"], [b"PUT", b"\x92\xc4\x01h\xc4\x01b"], [b"NOPE", b"x"], [b"ACK", b"\xc1"],
             [b"NAK", b"\x81\xa1a\x01"], [b"RDY", b"\x90"], [b"HB"], [b"CTL", b"\xd4\x01\x00"], [b"\x00" * 100], [b""]]
     handler = Recorder()
     worker = run_worker(sidecar, handler)
@@ -337,3 +338,77 @@ def test_bad_config_files_say_what_and_where(tmp_path: Path, text: str, message:
         SidecarConfig.from_file(path)
     assert message in str(info.value)
     assert str(path) in str(info.value)
+
+
+def test_both_put_layouts_are_stored_and_deliveries_come_packed(sidecar: Sidecar, ctx: zmq.Context) -> None:
+    """A PUT packs its header/body pairs in one frame; the older layout (a frame each) is still accepted.
+    Deliveries go out as one DLV frame of (attempt, header, body) triples, which a worker reads."""
+    from zfabric import codec
+    from zfabric.envelope import IdSource, Kind
+    from zfabric.sidecar import protocol as p
+
+    ids = IdSource()
+    envs = [Envelope(ids.next(), Kind.MESSAGE, "orders", {"n": n}, created_at=time.time()) for n in range(6)]
+    parts = [bytes(f) for env in envs for f in codec.encode_split(env)]
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(sidecar.endpoint)
+    try:
+        raw.send_multipart([p.PUT, p.pack(parts[:6])])  # three messages, packed
+        raw.send_multipart([p.PUT, *parts[6:]])  # three more, a frame each
+        confirmed: list[bytes] = []
+        while len(confirmed) < 6:
+            assert raw.poll(5000, zmq.POLLIN), f"{len(confirmed)} of 6 confirmed"
+            cmd, arg = raw.recv_multipart()
+            assert cmd == p.CONFIRM
+            confirmed += p.unpack(arg, "OK")
+        assert sorted(confirmed) == sorted(e.id for e in envs)
+        raw.send_multipart([p.READY, p.pack({"worker": b"w" * 8, "queue": "orders", "window": 10})])
+        got: list[tuple[int, bytes, bytes]] = []
+        while len(got) < 6:
+            assert raw.poll(5000, zmq.POLLIN), f"{len(got)} of 6 delivered"
+            cmd, *rest = raw.recv_multipart()
+            assert cmd == p.DELIVER and len(rest) == 1
+            got += p.split_deliveries(rest)
+        assert [codec.decode([h, b]).body for _, h, b in got] == [{"n": n} for n in range(6)]
+        assert {a for a, _, _ in got} == {1}
+    finally:
+        raw.close(0)
+
+
+def test_both_dlv_layouts_parse_and_hostile_ones_are_refused() -> None:
+    from zfabric.errors import DecodeError
+    from zfabric.sidecar import protocol as p
+
+    packed = p.pack([1, b"h1", b"b1", 3, b"h2", b"b2"])
+    older = [(1).to_bytes(4, "big"), b"h1", b"b1", (3).to_bytes(4, "big"), b"h2", b"b2"]
+    assert p.split_deliveries([packed]) == p.split_deliveries(older) == [(1, b"h1", b"b1"), (3, b"h2", b"b2")]
+    for bad in ([1, b"h"], [0, b"h", b"b"], ["1", b"h", b"b"], [1, "h", b"b"], [], {"a": 1}, 7):
+        with pytest.raises(DecodeError, match="DLV"):
+            p.split_deliveries([p.pack(bad)])
+    with pytest.raises(DecodeError, match="DLV"):
+        p.split_deliveries([b"\xc1"])
+
+
+def test_put_batches_stay_under_the_frame_budget() -> None:
+    """However large the messages, a PUT frame holds about BATCH_BYTES of them (at least one), far below
+    the 64 MiB a socket accepts in one frame."""
+    from zfabric import codec
+    from zfabric.envelope import IdSource, Kind
+    from zfabric.patterns.reliable import ConfirmFlow
+    from zfabric.sidecar import protocol as p
+
+    flow = ConfirmFlow(resend_after=1.0)
+    ids = IdSource()
+    for _ in range(10):
+        env = Envelope(ids.next(), Kind.MESSAGE, "q", b"x" * (3 << 20), created_at=1.0)
+        flow.add(env, codec.encode_split(env), 10.0)
+    sizes = []
+    while True:
+        frames, first, _ = flow.batch(1.0, 100)
+        if not frames:
+            break
+        assert frames[0] == p.PUT and len(frames) == 2
+        sizes.append(first)
+        assert len(frames[1]) < 8 << 20
+    assert sizes == [2, 2, 2, 2, 2]

@@ -71,11 +71,13 @@ class ConfirmFlow:
         self.unsent.append(env.id)
 
     def batch(self, now: float, limit: int) -> tuple[list[Any], int, int]:
-        """(PUT frames, first sends, resends) for up to `limit` unsent messages; empty frames when none."""
-        frames: list[Any] = [p.PUT]
+        """(PUT frames, first sends, resends) for up to `limit` unsent messages (and about p.BATCH_BYTES);
+        empty frames when none."""
+        items: list[Any] = []
+        size = 0
         first = again = 0
         self._last_batch.clear()
-        while self.unsent and first + again < limit:
+        while self.unsent and first + again < limit and size < p.BATCH_BYTES:
             key = self.unsent.popleft()
             item = self.pending.get(key)
             if item is None:
@@ -87,9 +89,10 @@ class ConfirmFlow:
             if not item.first_sent:
                 item.first_sent = now  # its timeout runs from the first try, sent or not
             item.last_sent = now
-            frames += item.frames
+            items += item.frames
+            size += len(item.frames[0]) + len(item.frames[1])
             self._last_batch.append(key)
-        return (frames if len(frames) > 1 else []), first, again
+        return ([p.PUT, p.pack(items)] if items else []), first, again
 
     def unsend_last(self) -> None:
         """The last batch could not be sent (no sidecar connection yet): put it back first in line, as never sent."""

@@ -1,9 +1,11 @@
 """The sidecar's wire protocol: one command frame, then its arguments (docs/reliability.md draws it).
 
-Every message to or from a sidecar is `[command, ...]` after the ROUTER routing id.
-Messages travel in the codec's split form `[header, body]` (codec.encode_split); everything
-else is one small msgpack frame. Parsing is strict and raises DecodeError, so the
-sidecar can count and skip anything foreign.
+Every message to or from a sidecar is `[command, argument]` after the ROUTER routing id,
+the argument one msgpack frame. Envelopes travel in the codec's split form (header and body
+as two byte strings, codec.encode_split), many to a PUT or DLV frame, so a batch of 100
+costs one ZeroMQ frame, not 200. Parsing is strict and raises DecodeError, so the sidecar
+can count and skip anything foreign. The older layout, one ZeroMQ frame per header, body and
+attempt, is still read.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import msgpack
 from ..errors import DecodeError
 
 PUT = b"PUT"
-"""producer -> sidecar: PUT header body [header body ...]; store these, then confirm."""
+"""producer -> sidecar: PUT [header, body, header, body, ...]; store these, then confirm."""
 CONFIRM = b"OK"
 """sidecar -> producer: OK [id, ...]; each id is durably stored (or was already)."""
 REJECT = b"REJ"
@@ -30,8 +32,8 @@ BYE = b"BYE"
 WHO = b"WHO"
 """sidecar -> worker: WHO; I do not know you (I restarted, or your lease expired): send RDY again."""
 DELIVER = b"DLV"
-"""sidecar -> worker: DLV attempt header body [attempt header body ...]; `attempt` is a 4-byte
-big-endian count that replaces the header's (the stored header stays as the producer sent it)."""
+"""sidecar -> worker: DLV [attempt, header, body, attempt, header, body, ...]; `attempt` is the
+count that replaces the header's (the stored header stays as the producer sent it)."""
 ACK = b"ACK"
 """worker -> sidecar: ACK {worker, acks: [[id, attempt], ...]}; handled, forget them."""
 NACK = b"NAK"
@@ -45,6 +47,9 @@ CONTROL_ERROR = b"CTE"
 
 MAX_CONTROL_FRAME = 1 << 20
 """A control frame larger than this (1 MiB) is refused before it is unpacked."""
+BATCH_BYTES = 4 << 20
+"""A PUT or DLV frame being built is closed once it holds this many bytes of envelopes (with at least
+one), so a batch of large messages stays far below the socket's max_message_size (64 MiB)."""
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -79,20 +84,47 @@ def unpack_map(frames: Sequence[bytes], what: str, required: Sequence[str] = ())
     return value
 
 
-def attempt_frame(attempt: int) -> bytes:
-    return attempt.to_bytes(4, "big")
+def _unpack_items(frame: bytes, what: str) -> list[Any]:
+    """The array of a PUT or DLV frame (bounded by the socket's max_message_size, not MAX_CONTROL_FRAME)."""
+    try:
+        value = msgpack.unpackb(frame, raw=False, ext_hook=_refuse_ext, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for hostile input
+        raise DecodeError(f"{what}: not valid msgpack: {exc}", [frame[:64]]) from None
+    if type(value) is not list:
+        raise DecodeError(f"{what}: argument must be an array", [frame[:64]])
+    return value
+
+
+def split_puts(frames: Sequence[bytes]) -> list[bytes]:
+    """[header, body, header, body, ...] from a PUT message (without its command frame)."""
+    if len(frames) == 1:
+        items = _unpack_items(frames[0], "PUT")
+        if not items or len(items) % 2 or any(type(i) is not bytes for i in items):
+            raise DecodeError("PUT: expected header/body byte string pairs", [frames[0][:64]])
+        return items
+    if not frames or len(frames) % 2:  # the older layout: a ZeroMQ frame for each header and body
+        raise DecodeError("PUT: expected header/body pairs", frames)
+    return list(frames)
 
 
 def split_deliveries(frames: Sequence[bytes]) -> list[tuple[int, bytes, bytes]]:
     """[(attempt, header, body), ...] from a DLV message (without its command frame)."""
-    if not frames or len(frames) % 3:
+    if len(frames) == 1:
+        items = _unpack_items(frames[0], "DLV")
+        if not items or len(items) % 3:
+            raise DecodeError("DLV: expected attempt/header/body triples", [frames[0][:64]])
+        out = list(zip(items[::3], items[1::3], items[2::3]))
+        if any(type(a) is not int or a < 1 or type(h) is not bytes or type(b) is not bytes for a, h, b in out):
+            raise DecodeError("DLV: each delivery must be a positive attempt, a header and a body", [frames[0][:64]])
+        return out
+    if not frames or len(frames) % 3:  # the older layout: a ZeroMQ frame for each attempt, header and body
         raise DecodeError("DLV: expected attempt/header/body triples", frames)
-    out = []
+    triples = []
     for i in range(0, len(frames), 3):
         if len(frames[i]) != 4:
             raise DecodeError("DLV: attempt frame must be 4 bytes", frames)
-        out.append((int.from_bytes(frames[i], "big"), frames[i + 1], frames[i + 2]))
-    return out
+        triples.append((int.from_bytes(frames[i], "big"), frames[i + 1], frames[i + 2]))
+    return triples
 
 
 def unpack_acks(value: Any, what: str = "ACK") -> list[tuple[bytes, int]]:

@@ -283,21 +283,23 @@ class Sidecar:
             self._send(sock, [route, p.REJECT, p.pack(items)])
         for frames in replies:
             self._send(sock, frames)
-        batches: dict[bytes, tuple[Lease, list[Any]]] = {}
+        batches: dict[bytes, tuple[Lease, list[Any], list[int]]] = {}
         for lease, entry in out:
-            frames = batches.setdefault(lease.worker_id, (lease, [lease.route, p.DELIVER]))[1]
-            frames += (p.attempt_frame(entry.attempts), entry.header, entry.body)
+            _, dlv, size = batches.setdefault(lease.worker_id, (lease, [], [0]))
+            dlv.extend((entry.attempts, entry.header, entry.body))
+            size[0] += len(entry.header) + len(entry.body)
             if entry.attempts > 1:
                 led.stats.redelivered += 1
-            if len(frames) >= 2 + 3 * DELIVERY_BATCH:
+            if len(dlv) >= 3 * DELIVERY_BATCH or size[0] >= p.BATCH_BYTES:
                 self._deliver(sock, lease, batches.pop(lease.worker_id)[1])
-        for lease, frames in batches.values():
-            self._deliver(sock, lease, frames)
+        for lease, dlv, _ in batches.values():
+            self._deliver(sock, lease, dlv)
         led.gauges()
 
-    def _deliver(self, sock: zmq.Socket, lease: Lease, frames: list[Any]) -> None:
-        if self._send(sock, frames):
-            self.ledger.stats.delivered += (len(frames) - 2) // 3
+    def _deliver(self, sock: zmq.Socket, lease: Lease, items: list[Any]) -> None:
+        """Send one DLV of (attempt, header, body) `items` to the worker holding `lease`."""
+        if self._send(sock, [lease.route, p.DELIVER, p.pack(items)]):
+            self.ledger.stats.delivered += len(items) // 3
         else:
             lease.last_seen = -1e18  # the worker is gone: its lease expires next pass, its messages go to others
 
@@ -378,9 +380,7 @@ class Sidecar:
 
     def _put(self, store: Store, route: bytes, frames: list[bytes], now: float,
              confirms: dict[bytes, list[bytes]], rejects: dict[bytes, list[list[Any]]]) -> None:
-        pairs = frames[2:]
-        if not pairs or len(pairs) % 2:
-            raise DecodeError("PUT: expected header/body pairs", frames)
+        pairs = p.split_puts(frames[2:])
         led = self.ledger
         items: list[tuple[Envelope, bytes, bytes, float | None]] = []
         for i in range(0, len(pairs), 2):
