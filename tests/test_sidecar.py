@@ -342,7 +342,8 @@ def test_bad_config_files_say_what_and_where(tmp_path: Path, text: str, message:
 
 def test_both_put_layouts_are_stored_and_deliveries_come_packed(sidecar: Sidecar, ctx: zmq.Context) -> None:
     """A PUT packs its header/body pairs in one frame; the older layout (a frame each) is still accepted.
-    Deliveries go out as one DLV frame of (attempt, header, body) triples, which a worker reads."""
+    Deliveries go out as one DLV frame of (attempt, header, body) triples to a worker that says it reads
+    them, and in the older layout to one that does not."""
     from zfabric import codec
     from zfabric.envelope import IdSource, Kind
     from zfabric.sidecar import protocol as p
@@ -363,14 +364,21 @@ def test_both_put_layouts_are_stored_and_deliveries_come_packed(sidecar: Sidecar
             assert cmd == p.CONFIRM
             confirmed += p.unpack(arg, "OK")
         assert sorted(confirmed) == sorted(e.id for e in envs)
-        raw.send_multipart([p.READY, p.pack({"worker": b"w" * 8, "queue": "orders", "window": 10})])
+        older = ctx.socket(zmq.DEALER)  # a worker of the first release: no "dlv" in its RDY
+        older.setsockopt(zmq.LINGER, 0)
+        older.connect(sidecar.endpoint)
+        older.send_multipart([p.READY, p.pack({"worker": b"o" * 8, "queue": "orders", "window": 3})])
+        assert wait_until(lambda: sidecar.stats.workers == 1)
+        raw.send_multipart([p.READY, p.pack({"worker": b"w" * 8, "queue": "orders", "window": 3, "dlv": "packed"})])
         got: list[tuple[int, bytes, bytes]] = []
-        while len(got) < 6:
-            assert raw.poll(5000, zmq.POLLIN), f"{len(got)} of 6 delivered"
-            cmd, *rest = raw.recv_multipart()
-            assert cmd == p.DELIVER and len(rest) == 1
-            got += p.split_deliveries(rest)
-        assert [codec.decode([h, b]).body for _, h, b in got] == [{"n": n} for n in range(6)]
+        for sock, packed in ((older, False), (raw, True)):
+            while len(got) < (3 if sock is older else 6):
+                assert sock.poll(5000, zmq.POLLIN), f"{len(got)} of 6 delivered"
+                cmd, *rest = sock.recv_multipart()
+                assert cmd == p.DELIVER and (len(rest) == 1) == packed
+                got += p.split_deliveries(rest)
+        older.close(0)
+        assert sorted(codec.decode([h, b]).body["n"] for _, h, b in got) == list(range(6))
         assert {a for a, _, _ in got} == {1}
     finally:
         raw.close(0)

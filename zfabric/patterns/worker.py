@@ -92,7 +92,8 @@ class _WorkerBase(SocketOwner):
         self._reannounce = threading.Event()
 
     def _ready_frames(self) -> list[bytes]:
-        return [p.READY, p.pack({"worker": self.worker_id, "name": self.name, "queue": self.queue, "window": self.window})]
+        return [p.READY, p.pack({"worker": self.worker_id, "name": self.name, "queue": self.queue, "window": self.window,
+                                 "dlv": p.DLV_PACKED})]
 
     def _heartbeat_frames(self) -> list[bytes]:
         return [p.HEARTBEAT, p.pack({"worker": self.worker_id})]

@@ -58,6 +58,8 @@ class Lease:
     inflight: dict[bytes, Entry] = field(default_factory=dict)
     label: str = ""
     """How history and logs name this worker: its name and the start of its id."""
+    packed: bool = True
+    """The worker reads DLV packed in one frame (it said so in RDY); False: a frame per attempt, header, body."""
 
     def __post_init__(self) -> None:
         self.label = f"{self.name or 'worker'}/{self.worker_id.hex()[:8]}"
@@ -166,7 +168,8 @@ class Ledger:
 
     # -- workers ----------------------------------------------------------------------------
 
-    def announce(self, worker_id: bytes, route: bytes, name: str, queue: str, window: int, now: float) -> Lease:
+    def announce(self, worker_id: bytes, route: bytes, name: str, queue: str, window: int, now: float,
+                 packed: bool = True) -> Lease:
         """A worker (re)announces itself; an existing lease keeps what it holds."""
         lease = self.leases.get(worker_id)
         if lease is None:
@@ -174,6 +177,7 @@ class Ledger:
             self.books[queue].workers.append(worker_id)
         else:
             lease.route, lease.window, lease.last_seen = route, window, now
+        lease.packed = packed
         return lease
 
     def touch(self, worker_id: bytes, now: float) -> bool:

@@ -24,7 +24,8 @@ CONFIRM = b"OK"
 REJECT = b"REJ"
 """sidecar -> producer: REJ [[id, reason], ...]; these will never be stored."""
 READY = b"RDY"
-"""worker -> sidecar: RDY {worker, name, queue, window}; deliver me up to `window` unacked messages."""
+"""worker -> sidecar: RDY {worker, name, queue, window, dlv}; deliver me up to `window` unacked messages
+(`dlv: "packed"`: in the packed DLV layout)."""
 HEARTBEAT = b"HB"
 """worker -> sidecar: HB {worker}; I am alive (keeps the lease)."""
 BYE = b"BYE"
@@ -33,7 +34,10 @@ WHO = b"WHO"
 """sidecar -> worker: WHO; I do not know you (I restarted, or your lease expired): send RDY again."""
 DELIVER = b"DLV"
 """sidecar -> worker: DLV [attempt, header, body, attempt, header, body, ...]; `attempt` is the
-count that replaces the header's (the stored header stays as the producer sent it)."""
+count that replaces the header's (the stored header stays as the producer sent it). A worker
+gets this packed layout when its RDY says `dlv: "packed"`; else a frame per attempt (4 bytes,
+big-endian), header and body, the layout of the first release."""
+DLV_PACKED = "packed"
 ACK = b"ACK"
 """worker -> sidecar: ACK {worker, acks: [[id, attempt], ...]}; handled, forget them."""
 NACK = b"NAK"
@@ -82,6 +86,11 @@ def unpack_map(frames: Sequence[bytes], what: str, required: Sequence[str] = ())
     if missing:
         raise DecodeError(f"{what}: missing {', '.join(missing)}", frames)
     return value
+
+
+def attempt_frame(attempt: int) -> bytes:
+    """An attempt in the older DLV layout: 4 bytes, big-endian."""
+    return attempt.to_bytes(4, "big")
 
 
 def _unpack_items(frame: bytes, what: str) -> list[Any]:

@@ -297,8 +297,12 @@ class Sidecar:
         led.gauges()
 
     def _deliver(self, sock: zmq.Socket, lease: Lease, items: list[Any]) -> None:
-        """Send one DLV of (attempt, header, body) `items` to the worker holding `lease`."""
-        if self._send(sock, [lease.route, p.DELIVER, p.pack(items)]):
+        """Send one DLV of (attempt, header, body) `items` to the worker holding `lease`, in the layout it reads."""
+        if lease.packed:
+            frames = [lease.route, p.DELIVER, p.pack(items)]
+        else:
+            frames = [lease.route, p.DELIVER, *(p.attempt_frame(i) if type(i) is int else i for i in items)]
+        if self._send(sock, frames):
             self.ledger.stats.delivered += len(items) // 3
         else:
             lease.last_seen = -1e18  # the worker is gone: its lease expires next pass, its messages go to others
@@ -357,7 +361,8 @@ class Sidecar:
             if self.permissions is not None and not self.permissions.may_use_queue(self._who_sent, queue):
                 replies.append([route, p.CONTROL_ERROR, p.pack(self._denied(self._who_sent, f"take from queue {queue!r}"))])
                 return
-            led.announce(m["worker"], route, str(m.get("name", "")), queue, window, mono)
+            led.announce(m["worker"], route, str(m.get("name", "")), queue, window, mono,
+                         packed=m.get("dlv") == p.DLV_PACKED)
         elif cmd == p.BYE:
             m = p.unpack_map(frames[1:], "BYE", ("worker",))
             lease = led.drop(m["worker"])
