@@ -362,20 +362,22 @@ def ps_pub(impl: str, xsub: str, count: int, size: int, subscribers: int) -> Non
 
 # -- reliable queue -----------------------------------------------------------------------------
 
-def rel_worker(endpoint: str, window: int = 200) -> None:
+def rel_worker(endpoint: str) -> None:
+    """A worker with the default window that acknowledges every message."""
     from zfabric import Worker
 
-    worker = Worker(endpoint, "bench", lambda env: None, window=window)
+    worker = Worker(endpoint, "bench", lambda env: None)
     emit(ready=True)
     worker.run()
 
 
 def rel_producer(endpoint: str, count: int, size: int) -> None:
-    """Send `count` messages to a reliable queue; time until every one is confirmed durable."""
+    """Send `count` messages to a reliable queue (default window and batch size); time until every one is
+    confirmed durable."""
     from zfabric import ReliableProducer
 
     body = body_of(size)
-    with ReliableProducer(endpoint, "bench", max_in_flight=500, batch_size=100, timeout=60) as producer:
+    with ReliableProducer(endpoint, "bench", timeout=60) as producer:
         producer.send_many([body] * 500)
         start = time.perf_counter()
         for i in range(0, count, 10_000):
