@@ -53,6 +53,18 @@ def test_stamp_encodes_what_the_generic_encoder_would_decode_to() -> None:
     assert codec.decode_published([b"sales", *codec.encode(published)]) == published
 
 
+def test_the_plain_stamp_path_writes_the_same_bytes_as_the_general_one() -> None:
+    stamp = codec.Stamp(IdSource(b"origin-1"), "orders")
+    twin = codec.Stamp(IdSource(b"origin-1"), "orders")  # the same ids, in the same order
+    for n, body in enumerate([{"sku": "A-1"}, None, "x" * 20_000, [1, 2.5, b"bin"], 2**63]):
+        env, message = stamp.plain(body, 1_700_000_000.25 + n)
+        expected_env, expected = twin.encode(body, 1_700_000_000.25 + n)
+        assert (env, [message]) == (expected_env, expected)
+        assert codec.decode([message]) == env
+    with pytest.raises(EncodeError, match="object"):
+        stamp.plain(object(), 1.0)
+
+
 def test_stamp_refuses_what_a_receiver_would_refuse() -> None:
     stamp = codec.Stamp(IdSource(), "q")
     with pytest.raises(EncodeError, match="header keys must be strings"):

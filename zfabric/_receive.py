@@ -18,7 +18,7 @@ import zmq
 from . import codec
 from ._counters import Counters
 from ._logs import Throttled
-from ._socket import SocketOwner, peer_of, readable, recv_rest
+from ._socket import RECV, SocketOwner, peer_of, readable, recv_rest
 from .envelope import Envelope
 from .errors import DecodeError, ReceiveTimeout
 
@@ -100,7 +100,10 @@ class Inbox(SocketOwner):
             self._refuse(exc, first)
             return None
         self.stats.received += 1
-        return self._after_accept(env)
+        return env if self._plain else self._after_accept(env)
+
+    _plain = True
+    """No `_after_accept` hook: the fast path skips the call."""
 
     def _refuse(self, exc: DecodeError, first: zmq.Frame | None) -> None:
         count_bad(exc, self.stats, self._who, peer_of(first), self.bad_peers)
@@ -146,17 +149,19 @@ class SyncInbox(Inbox):
         if self._closed:
             self._check_open()
         sock = self._sock
-        flags = 0 if timeout is None else _NOBLOCK
         deadline = None
         while True:
-            try:
-                first = sock.recv(flags, copy=False)
-            except zmq.Again:  # only with a timeout: nothing waiting, so wait for it
-                if deadline is None:
-                    deadline = time.monotonic() + timeout  # type: ignore[operator]
-                if not readable(sock, _remaining_ms(deadline)):
-                    raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}") from None
-                continue
+            try:  # a non-blocking receive of what is waiting costs less than a blocking one
+                first = RECV(sock, _NOBLOCK, False)
+            except zmq.Again:  # nothing waiting, so wait for it
+                if timeout is None:
+                    first = RECV(sock, 0, False)
+                else:
+                    if deadline is None:
+                        deadline = time.monotonic() + timeout
+                    if not readable(sock, _remaining_ms(deadline)):
+                        raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}") from None
+                    continue
             if first.more:
                 env = self._accept(recv_rest(sock, first), first)
             elif self._one_frame:

@@ -150,6 +150,13 @@ ZERO_COPY_MIN = 65536
 """Frames at least this large are handed to libzmq without a copy."""
 
 
+SEND: Callable[..., Any] = zmq.backend.Socket.send
+"""pyzmq's compiled send, called without the Python wrapper `zmq.Socket.send` puts around it (for
+DRAFT routing ids and groups, which zfabric never uses): 0.17 us a frame instead of 0.56. Sync sockets only."""
+RECV: Callable[..., Any] = zmq.backend.Socket.recv
+"""pyzmq's compiled recv, looked up once (sync sockets only)."""
+
+
 def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -> None:
     """Send one multipart message from a sync socket, one C-level call per frame.
 
@@ -159,9 +166,9 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) ->
     """
     more = _WITH_MORE.get(flags) or (int(flags) | _SNDMORE)
     for frame in frames[:-1]:
-        sock.send(frame, more)
+        SEND(sock, frame, more)
     last = frames[-1]
-    sock.send(last, flags, copy=len(last) < ZERO_COPY_MIN)
+    SEND(sock, last, flags, len(last) < ZERO_COPY_MIN)
 
 
 _POLLIN = int(zmq.POLLIN)
@@ -200,17 +207,17 @@ def waiting(sock: zmq.Socket[Any], limit: int = 1 << 62, receive: Callable[..., 
 
 def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
     """Receive one multipart message on a sync socket, reading the more-flag from each frame."""
-    frame = sock.recv(flags, copy=False)
+    frame = RECV(sock, flags, False)
     frames = [frame.bytes]
     while frame.more:
-        frame = sock.recv(0, copy=False)
+        frame = RECV(sock, 0, False)
         frames.append(frame.bytes)
     return frames
 
 
 def recv_frames_first(sock: zmq.Socket[Any], flags: int = 0) -> tuple[list[bytes], zmq.Frame]:
     """One message, and its first frame, whose properties say who sent it (see `peer_of`)."""
-    first = sock.recv(flags, copy=False)
+    first = RECV(sock, flags, False)
     return recv_rest(sock, first), first
 
 
@@ -219,7 +226,7 @@ def recv_rest(sock: zmq.Socket[Any], first: zmq.Frame) -> list[bytes]:
     frames = [first.bytes]
     frame = first
     while frame.more:
-        frame = sock.recv(0, copy=False)
+        frame = RECV(sock, 0, False)
         frames.append(frame.bytes)
     return frames
 

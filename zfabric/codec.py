@@ -346,7 +346,7 @@ class Stamp:
     of what a generic msgpack call on the header costs (docs/performance.md).
     """
 
-    __slots__ = ("kind", "topic", "origin", "_next", "_pack", "_packb", "_pre12", "_pre13", "_mid", "_id")
+    __slots__ = ("kind", "topic", "origin", "_next", "_pack", "_packb", "_pre12", "_pre13", "_mid", "_id", "plain")
 
     def __init__(self, ids: IdSource, topic: str, kind: Kind = Kind.MESSAGE) -> None:
         self.kind = kind
@@ -359,6 +359,23 @@ class Stamp:
         self._pack = struct.Struct(f">{len(self._pre12)}sQ{len(self._mid)}sd").pack
         self._packb = msgpack.Packer().pack  # msgpack.packb builds a Packer per call; a Stamp serves one sender
         self._id = slice(5, 5 + len(ids.origin) + 8)
+        self.plain = self._plain_encoder()
+        """`plain(body, now) -> (envelope, message)`: `encode` for the commonest message (a body that is not
+        raw bytes; no deadline, headers or seq) as one frame, with every constant bound in a closure."""
+
+    def _plain_encoder(self) -> Callable[[Any, float], tuple[Envelope, bytes]]:
+        pack, pre, counter, mid, packb, id_ = self._pack, self._pre13, self._next, self._mid, self._packb, self._id
+        tail, kind, topic, make = _NO_EXTRAS[BODY_MSGPACK], self.kind, self.topic, _make_envelope
+
+        def plain(body: Any, now: float) -> tuple[Envelope, bytes]:
+            head = pack(pre, counter(), mid, now)
+            try:
+                payload = packb(body)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise EncodeError(f"body of type {type(body).__name__} is not msgpack-serializable: {exc}") from exc
+            return make(Envelope, (head[id_], kind, topic, body, None, None, 1, now, None, {}, None)), head + tail + payload
+
+        return plain
 
     def encode(self, body: Any, now: float, deadline: float | None = None,
                headers: Mapping[str, Any] | None = None, seq: int | None = None) -> tuple[Envelope, list[Any]]:

@@ -244,6 +244,8 @@ class _SubscriberBase(Inbox):
             return None
         return super()._accept(frames, first)
 
+    _plain = False
+
     def _after_accept(self, env: Envelope) -> Envelope:
         seq = env.seq
         if seq is not None:

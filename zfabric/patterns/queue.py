@@ -19,12 +19,13 @@ import zmq
 from .. import codec
 from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
-from .._socket import AnyContext, PeerWatch, SocketOwner, send_frames
+from .._socket import SEND, AnyContext, PeerWatch, SocketOwner, send_frames
 from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource
 from ..errors import ConfigError, ReadyTimeout, SendTimeout
 from ..options import UNSET, SocketOptions, Unset
 
+_RAW = frozenset({bytes, bytearray, memoryview})
 BATCH_COUNT = 1000
 """Envelopes per batch message at most."""
 BATCH_BYTES = 1 << 20
@@ -129,11 +130,12 @@ class Producer(_ProducerBase):
         """Send one message; returns its envelope. Blocks while the queue is full, at most `timeout` s."""
         if self._closed:
             self._check_open()
-        env, frames = self._encode(body, headers, ttl)
         limit = self.send_timeout if timeout is UNSET else timeout
-        if limit is None and len(frames) == 1:
-            self._sock.send(frames[0])
+        if limit is None and headers is None and ttl is None and type(body) not in _RAW:
+            env, message = self._stamp.plain(body, time.time())  # the common case, as short as it gets
+            SEND(self._sock, message)
         else:
+            env, frames = self._encode(body, headers, ttl)
             self._send(frames, limit)  # type: ignore[arg-type]
         self.stats.sent += 1
         return env
