@@ -240,6 +240,22 @@ def test_request_many_batch_one_sends_each_request_on_its_own(face: Face, ctx: z
     assert [len(_requests_in(m)) for m in messages] == [1] * 5
 
 
+def test_a_requester_that_binds_sends_one_request_per_message(face: Face, ctx: zmq.Context) -> None:
+    """Repliers connect to a binding requester, so it cannot know how many there are to spread batches over."""
+    requester = face.requester("@tcp://127.0.0.1:0", timeout=0.3, retries=0)
+    dealer = ctx.socket(zmq.DEALER)  # stands in for a replier that connects
+    dealer.connect(requester.endpoints[0])
+    outcome: list[Any] = []
+    caller = threading.Thread(target=lambda: outcome.append(requester.request_many(list(range(4)),
+                                                                                      return_exceptions=True)))
+    caller.start()
+    messages = []
+    while len(messages) < 4 and dealer.poll(2000, zmq.POLLIN):
+        messages.append(dealer.recv_multipart())
+    caller.join(5)
+    assert [len(_requests_in(m)) for m in messages] == [1] * 4
+
+
 def test_a_batch_part_without_replies_is_retried_request_by_request(face: Face, ctx: zmq.Context) -> None:
     router, endpoint = silent_router(ctx)
     requester = face.requester(endpoint, timeout=0.5, retries=1)
