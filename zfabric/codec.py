@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -26,6 +26,7 @@ BODY_MSGPACK = 0
 BODY_RAW = 1
 HEADER_FIELDS = 12
 """A v1 header has at least this many elements; later minor revisions may append more."""
+T = TypeVar("T")
 INLINE_MAX = 16 * 1024
 """Raw (bytes) bodies this long or longer travel in a frame of their own, never copied; every other body
 travels inside the header frame (one frame per message)."""
@@ -299,6 +300,31 @@ def join_batch(messages: Sequence[bytes]) -> list[bytes]:
     n = len(messages)
     count = bytes((0x90 | n,)) if n < 16 else struct.pack(">BH", 0xDC, n) if n < 1 << 16 else struct.pack(">BI", 0xDD, n)
     return [msgpack.packb([VERSION, BATCH_MARK, n]), b"".join((count, *messages))]
+
+
+def group_batches(encoded: Iterable[tuple[T, list[Any]]], per: int, max_bytes: int) -> list[tuple[list[T], list[Any]]]:
+    """(items, frames) of the ZeroMQ messages that carry `encoded` (item, frames) pairs, in order: up to
+    `per` one-frame messages and about `max_bytes` joined into a batch (one alone stays a plain
+    message), and a message of more frames (a large raw body) alone, uncopied."""
+    out: list[tuple[list[T], list[Any]]] = []
+    items: list[T] = []
+    parts: list[bytes] = []
+    size = 0
+    for item, frames in encoded:
+        if len(frames) == 1:
+            items.append(item)
+            parts.append(frames[0])
+            size += len(frames[0])
+            if len(items) < per and size < max_bytes:
+                continue
+        if items:
+            out.append((items, parts if len(parts) == 1 else join_batch(parts)))
+            items, parts, size = [], [], 0
+        if len(frames) > 1:
+            out.append(([item], frames))
+    if items:
+        out.append((items, parts if len(parts) == 1 else join_batch(parts)))
+    return out
 
 
 def decode_batch(frames: Sequence[bytes]) -> list[Envelope]:

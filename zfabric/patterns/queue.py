@@ -73,33 +73,10 @@ class _ProducerBase(SocketOwner):
                  ttl: float | None) -> list[tuple[list[Envelope], list[Any]]]:
         """(envelopes, frames) per ZeroMQ message: up to BATCH_COUNT small messages or BATCH_BYTES together
         (each encoded once, as a one-frame message is exactly a batch entry); a large body goes alone."""
-        out: list[tuple[list[Envelope], list[Any]]] = []
-        envs: list[Envelope] = []
-        parts: list[bytes] = []
-        size = 0
-
-        def close() -> None:
-            nonlocal envs, parts, size
-            if envs:
-                out.append((envs, parts if len(parts) == 1 else codec.join_batch(parts)))
-            envs, parts, size = [], [], 0
-
         now = time.time()
         deadline = None if ttl is None else now + ttl
         encode = self._stamp.encode
-        for body in bodies:
-            env, frames = encode(body, now, deadline, headers)
-            if len(frames) > 1:  # a large body keeps its own frame, uncopied
-                close()
-                out.append(([env], frames))
-                continue
-            envs.append(env)
-            parts.append(frames[0])
-            size += len(frames[0])
-            if len(envs) >= BATCH_COUNT or size >= BATCH_BYTES:
-                close()
-        close()
-        return out
+        return codec.group_batches((encode(body, now, deadline, headers) for body in bodies), BATCH_COUNT, BATCH_BYTES)
 
     def _over_inproc(self, count: int) -> bool:
         """True when wait_for_consumers must poll the socket itself for POLLOUT: the monitor sees no inproc:// peers.

@@ -214,10 +214,10 @@ class Replier(_ReplierBase):
             answers += self._answer_frames(request, math.inf)
             now = time.monotonic()
             if now - since >= BATCH_REPLY_AFTER:
-                self._send_reply(route, codec.join_batch(answers) if len(answers) > 1 else answers, len(answers))
+                self._send_answers(route, answers)
                 answers, since = [], now
         if answers:
-            self._send_reply(route, codec.join_batch(answers) if len(answers) > 1 else answers, len(answers))
+            self._send_answers(route, answers)
         return len(requests)
 
     def _answer_frames(self, request: Envelope, split_at: float) -> list[Any]:
@@ -226,6 +226,10 @@ class Replier(_ReplierBase):
             return self._reply([], request, self.handler(request), split_at=split_at)
         except Exception as exc:
             return self._reply([], request, exc=exc, split_at=split_at)
+
+    def _send_answers(self, route: list[bytes], answers: list[bytes]) -> None:
+        """One-frame replies to a batch: as a batch, or alone when only one is ready."""
+        self._send_reply(route, codec.join_batch(answers) if len(answers) > 1 else answers, len(answers))
 
     def _send_reply(self, route: list[bytes], frames: list[Any], count: int) -> None:
         try:
@@ -422,22 +426,9 @@ class _RequesterBase:
     def _messages(self, envs: Sequence[Envelope], per: int) -> list[tuple[list[Any], int]]:
         """(frames, request count) of the ZeroMQ messages that carry `envs`: batches of up to `per`
         requests and about BATCH_BYTES, a large raw body in a message of its own (never copied)."""
-        out: list[tuple[list[Any], int]] = []
-        entries: list[bytes] = []
-        size = 0
-        for env in envs:
-            frames = codec.encode(env, self._pack)
-            if per == 1 or len(frames) > 1:
-                out.append((frames, 1))
-                continue
-            entries.append(frames[0])
-            size += len(frames[0])
-            if len(entries) >= per or size >= BATCH_BYTES:
-                out.append((codec.join_batch(entries) if len(entries) > 1 else entries, len(entries)))
-                entries, size = [], 0
-        if entries:
-            out.append((codec.join_batch(entries) if len(entries) > 1 else entries, len(entries)))
-        return out
+        pack = self._pack
+        grouped = codec.group_batches(((env, codec.encode(env, pack)) for env in envs), per, BATCH_BYTES)
+        return [(frames, len(group)) for group, frames in grouped]
 
     def _new_generation(self) -> Any:
         sock, _ = open_socket(self._owner._ctx, zmq.DEALER, self._specs, self.options, tune=_DealerOwner._tune)
