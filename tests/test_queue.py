@@ -233,3 +233,39 @@ def test_hostile_batches_are_counted_and_skipped(face: Face, ctx: zmq.Context) -
     assert got == [0, 1, 2]
     assert consumer.stats.decode_errors == len(hostile)
     assert consumer.stats.received == 3
+
+
+def test_asyncio_receivers_sharing_a_consumer_get_each_message_once_and_a_cancelled_one_loses_none() -> None:
+    """The asyncio consumer receives what is waiting directly and awaits only to wait: tasks that share it,
+    and a receive cancelled while it waits, must still see every message exactly once."""
+    import asyncio
+
+    from zfabric import AsyncConsumer, AsyncProducer
+
+    async def main() -> tuple[list[int], int]:
+        async with AsyncConsumer("tcp://127.0.0.1:0") as consumer, AsyncProducer(consumer.endpoint) as producer:
+            await producer.wait_for_consumers(1, timeout=5)
+            waiting = asyncio.ensure_future(consumer.receive())
+            await asyncio.sleep(0.05)
+            waiting.cancel()  # cancelled while nothing had arrived: it must take nothing with it
+            await asyncio.gather(waiting, return_exceptions=True)
+            got: list[int] = []
+
+            async def reader() -> None:
+                while True:
+                    got.append((await consumer.receive(timeout=1.0)).body)
+
+            readers = [asyncio.ensure_future(reader()) for _ in range(3)]
+            await asyncio.sleep(0.05)  # every reader is waiting before the first message arrives
+            for n in range(300):
+                await producer.send(n)
+                if n % 50 == 0:
+                    await asyncio.sleep(0)
+            await producer.send_batch(range(300, 600))
+            outcome = await asyncio.gather(*readers, return_exceptions=True)
+            timeouts = sum(isinstance(o, ReceiveTimeout) for o in outcome)
+            return got, timeouts
+
+    got, timeouts = asyncio.run(asyncio.wait_for(main(), 30))
+    assert sorted(got) == list(range(600)), f"{len(got)} received, {len(set(got))} distinct"
+    assert timeouts == 3

@@ -105,6 +105,15 @@ class Inbox(SocketOwner):
     _plain = True
     """No `_after_accept` hook: the fast path skips the call."""
 
+    def _take(self, sock: zmq.Socket[Any], first: zmq.Frame) -> Envelope | None:
+        """The envelope in the message whose first frame was just received on sync `sock` (which
+        holds the rest), or None when it held none (counted)."""
+        if first.more:
+            return self._accept(recv_rest(sock, first), first)
+        if self._one_frame:
+            return self._accept_one(first)
+        return self._accept([first.bytes], first)
+
     def _refuse(self, exc: DecodeError, first: zmq.Frame | None) -> None:
         count_bad(exc, self.stats, self._who, peer_of(first), self.bad_peers)
 
@@ -126,11 +135,6 @@ class Inbox(SocketOwner):
     def _after_accept(self, env: Envelope) -> Envelope | None:
         """Hook for patterns that look at each envelope (sequence gaps, control topics)."""
         return env
-
-
-def _frames_of(message: list[zmq.Frame]) -> tuple[list[bytes], zmq.Frame]:
-    """The bytes of an asyncio multipart receive, and its first frame (for `peer_of`)."""
-    return [f.bytes for f in message], message[0]
 
 
 def _remaining_ms(deadline: float) -> int:
@@ -162,12 +166,7 @@ class SyncInbox(Inbox):
                     if not readable(sock, _remaining_ms(deadline)):
                         raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}") from None
                     continue
-            if first.more:
-                env = self._accept(recv_rest(sock, first), first)
-            elif self._one_frame:
-                env = self._accept_one(first)
-            else:
-                env = self._accept([first.bytes], first)
+            env = self._take(sock, first)
             if env is not None:
                 return env
 
@@ -186,17 +185,16 @@ class AsyncInbox(Inbox):
         self._check_open()
         if self._pending:
             return self._pending.popleft()
-        sock = self._sock
-        if timeout is None:
-            while True:
-                env = self._accept(*_frames_of(await sock.recv_multipart(copy=False)))
-                if env is not None:
-                    return env
-        deadline = time.monotonic() + timeout
+        sync = self._sync_sock
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if not await sock.poll(_remaining_ms(deadline), zmq.POLLIN):
-                raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}")
-            env = self._accept(*_frames_of(await sock.recv_multipart(zmq.NOBLOCK, copy=False)))
+            try:  # what is waiting is received at once, as in the sync face; only waiting goes through the loop
+                first = RECV(sync, _NOBLOCK, False)
+            except zmq.Again:
+                if not await self._sock.poll(None if deadline is None else _remaining_ms(deadline), zmq.POLLIN):
+                    raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}") from None
+                continue
+            env = self._take(sync, first)
             if env is not None:
                 return env
 

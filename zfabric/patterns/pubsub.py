@@ -26,7 +26,9 @@ import zmq
 from .. import codec
 from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
-from .._socket import AnyContext, SocketOwner, recv_frames_first, send_frames
+from .._socket import RECV, AnyContext, SocketOwner, recv_frames_first, send_frames
+
+_NOBLOCK = int(zmq.NOBLOCK)
 from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource
 from ..errors import ConfigError, ReadyTimeout
@@ -153,7 +155,7 @@ class AsyncPublisher(_PublisherBase):
         """Publish one message; never waits on a slow subscriber."""
         self._check_open()
         env, frames = self._frames(topic, body, headers)
-        await self._sock.send_multipart(frames, copy=False)
+        send_frames(self._sync_sock, frames)  # a PUB never blocks (it drops for a subscriber at its HWM)
         self.stats.sent += 1
         self._until_drain -= 1
         if not self._until_drain:
@@ -165,12 +167,12 @@ class AsyncPublisher(_PublisherBase):
         self._until_drain = _DRAIN_EVERY
         while True:
             try:
-                msg = await self._sock.recv(zmq.NOBLOCK)
+                msg = RECV(self._sync_sock, _NOBLOCK)
             except zmq.Again:
                 return
             answer = self._on_control(msg)
             if answer is not None:
-                await self._sock.send(answer)
+                await self._asend([answer])
 
     async def wait_for_subscribers(self, count: int = 1, topic: str = "", timeout: float = 10.0) -> int:
         """Wait until at least `count` subscriptions match `topic`; returns how many do."""

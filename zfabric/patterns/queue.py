@@ -26,6 +26,7 @@ from ..errors import ConfigError, ReadyTimeout, SendTimeout
 from ..options import UNSET, SocketOptions, Unset
 
 _RAW = frozenset({bytes, bytearray, memoryview})
+_NOBLOCK = int(zmq.NOBLOCK)
 BATCH_COUNT = 1000
 """Envelopes per batch message at most."""
 BATCH_BYTES = 1 << 20
@@ -67,6 +68,9 @@ class _ProducerBase(SocketOwner):
     def _encode(self, body: Any, headers: Mapping[str, Any] | None, ttl: float | None) -> tuple[Envelope, list[Any]]:
         """A new message's envelope and frames, encoded in one pass (the per-message hot path)."""
         now = time.time()
+        if headers is None and ttl is None and type(body) not in _RAW:
+            env, message = self._stamp.plain(body, now)
+            return env, [message]
         return self._stamp.encode(body, now, None if ttl is None else now + ttl, headers)
 
     def _batches(self, bodies: Iterable[Any], headers: Mapping[str, Any] | None,
@@ -208,8 +212,11 @@ class AsyncProducer(_ProducerBase):
 
     async def _send(self, frames: list[Any], timeout: float | None) -> None:
         if timeout is None:
-            await self._sock.send_multipart(frames, copy=False)
-        else:
+            await self._asend(frames)
+            return
+        try:  # what the socket takes now goes without an event loop round trip; only waiting is awaited
+            send_frames(self._sync_sock, frames, _NOBLOCK)
+        except zmq.Again:
             try:
                 await asyncio.wait_for(self._sock.send_multipart(frames, copy=False), timeout)
             except TimeoutError:

@@ -322,7 +322,6 @@ class AsyncReliableProducer(_ReliableBase):
     """The asyncio face: `await send(...)` returns once stored; many coroutines may send at once and share batches."""
 
     _asyncio = True
-    _shadow: zmq.Socket[Any] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -383,15 +382,6 @@ class AsyncReliableProducer(_ReliableBase):
             if on_confirm is not None and not fut.cancelled() and fut.exception() is None:
                 on_confirm(fut.result())
         return done
-
-
-    @property
-    def _sync_sock(self) -> zmq.Socket[Any]:
-        # A sync shadow of the same socket: a non-blocking send needs no event loop round trip.
-        sock = self._shadow
-        if sock is None:
-            sock = self._shadow = zmq.Socket.shadow(self._sock.underlying)
-        return sock
 
     async def _pump(self) -> None:
         flow, sock = self._flow, self._sock

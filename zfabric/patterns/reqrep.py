@@ -35,8 +35,10 @@ from .._socket import (
     SocketOwner,
     open_socket,
     recv_frames,
+    recv_frames_first,
     recv_frames_with_user,
     send_frames,
+    user_of,
     waiting,
 )
 from ..endpoint import Endpoint, EndpointArg, parse_many
@@ -304,7 +306,7 @@ class AsyncReplier(_ReplierBase):
                 out = self._reply(route, request, exc=exc)
             if not self._closed:
                 try:
-                    await self._sock.send_multipart(out, zmq.NOBLOCK)
+                    send_frames(self._sync_sock, out, zmq.NOBLOCK)
                     self.stats.sent += 1
                 except zmq.ZMQError as exc:
                     self._undeliverable(exc)
@@ -319,10 +321,12 @@ class AsyncReplier(_ReplierBase):
             while not self._stop.is_set() and (max_requests is None or handled < max_requests):
                 if not await self._sock.poll(100, zmq.POLLIN):
                     continue
-                raw = await self._sock.recv_multipart(copy=False)
+                try:
+                    frames, first = recv_frames_first(self._sync_sock, zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
                 handled += 1
-                who = raw[0].get("User-Id") if self.permissions is not None else None
-                parsed = self._parse([f.bytes for f in raw], who if isinstance(who, str) else None)
+                parsed = self._parse(frames, user_of(first) if self.permissions is not None else None)
                 if parsed is None:
                     continue
                 route, requests = parsed

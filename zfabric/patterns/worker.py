@@ -303,16 +303,16 @@ class AsyncWorker(_WorkerBase):
         beat = asyncio.get_running_loop().create_task(self._beat())
         handled = 0
         try:
-            await sock.send_multipart(self._ready_frames())
+            await self._asend(self._ready_frames())
             while not self._done(handled, max_messages):
                 hello = self._announce_again()
                 if hello is not None:
-                    await sock.send_multipart(hello)
+                    await self._asend(hello)
                 if not await sock.poll(100, zmq.POLLIN):
                     continue
                 while not self._done(handled, max_messages):
                     try:
-                        incoming = self._incoming(await sock.recv_multipart(zmq.NOBLOCK))
+                        incoming = self._incoming(recv_frames(self._sync_sock, _NOBLOCK))
                     except zmq.Again:
                         break
                     for env in incoming:
@@ -320,18 +320,14 @@ class AsyncWorker(_WorkerBase):
                             break
                         handled += 1
                         for frames in self._settle(env, await self._handle(env)):
-                            await sock.send_multipart(frames)
+                            await self._asend(frames)
                 acks = self._take_acks()
                 if acks is not None:
-                    await sock.send_multipart(acks)
+                    await self._asend(acks)
             self._leave(lambda frames: self._sync_sock.send_multipart(frames, zmq.NOBLOCK))
         finally:
             beat.cancel()
         return handled
-
-    @property
-    def _sync_sock(self) -> zmq.Socket[Any]:
-        return zmq.Socket.shadow(self._sock.underlying)
 
     async def _beat(self) -> None:
         frames = self._heartbeat_frames()
