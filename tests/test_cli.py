@@ -140,8 +140,10 @@ def test_bench_quick_completes_and_prints_every_row(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads(out.read_text())["rows"]
     figures = [r["figure"] for r in rows]
-    for expected in ("queue msgs/s, 100 B", "queue msgs/s, 4 KiB", "queue msgs/s, 256 KiB", "request-reply p50",
-                     "request-reply req/s", "scatter-gather p50, 3 members", "scatter-gather p99, 10 members",
+    for expected in ("queue msgs/s, 100 B", "queue msgs/s, 100 B, tcp, asyncio faces", "queue msgs/s, 4 KiB",
+                     "queue msgs/s, 256 KiB", "request-reply p50", "request-reply req/s, 100 in flight (request_many",
+                     "request-reply req/s, 100 in flight, one request per message", "scatter-gather p50, 3 members",
+                     "scatter-gather p99, 10 members",
                      "pub/sub msgs/s per subscriber, 100 B, 1 sub", "pub/sub msgs/s per subscriber, 100 B, 3 sub",
                      "reliable confirmed msgs/s", "peak RSS"):
         assert any(f.startswith(expected) for f in figures), f"no row {expected!r} in {figures}"
