@@ -191,7 +191,9 @@ class AsyncInbox(Inbox):
             try:  # what is waiting is received at once, as in the sync face; only waiting goes through the loop
                 first = RECV(sync, _NOBLOCK, False)
             except zmq.Again:
-                if not await self._sock.poll(None if deadline is None else _remaining_ms(deadline), zmq.POLLIN):
+                if deadline is None:
+                    await self._sock.poll(None, zmq.POLLIN)  # may wake with nothing to take: the loop tries again
+                elif not await self._sock.poll(_remaining_ms(deadline), zmq.POLLIN) and time.monotonic() >= deadline:
                     raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}") from None
                 continue
             env = self._take(sync, first)
