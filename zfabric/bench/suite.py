@@ -123,7 +123,7 @@ class Procs:
             err = proc.stderr.read() if proc.stderr else ""
             if code is not None:
                 err = f"(it exited with code {code})\n{err}"
-            role = proc.args[3] if isinstance(proc.args, list) and len(proc.args) > 3 else proc.args
+            role = " ".join(map(str, proc.args[3:])) if isinstance(proc.args, list) else proc.args  # with its arguments
             raise FabricError(f"benchmark process {role!s} gave no {key!r} "
                               f"({'it ended' if code is not None else f'within {timeout:g} s'}): {err[-2000:]}")
         return found[0]
@@ -268,8 +268,6 @@ def run_suite(quick: bool = False, on_row: Callable[[Row], None] | None = None,
                 batched = best_of(lambda *a: queue_rate(*a)[0], "zf", count, size, 100)
                 add(Row(f"queue msgs/s, {label}, tcp, send_batch of 100 (vs raw per message)", "msg/s", rates["raw"],
                         batched, target=0.7))
-                aio = best_of(lambda *a: queue_rate(*a)[0], "zf-async", count, size)
-                add(Row(f"queue msgs/s, {label}, tcp, asyncio faces (vs raw, sync)", "msg/s", rates["raw"], aio))
     if want("curve"):
         for size in (100, 4096):
             count = plan.queue_counts[size] // 2
