@@ -6,6 +6,7 @@ Patterns speak in endpoints, options and envelopes; they ask this module for a s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -343,12 +344,13 @@ class SocketOwner:
             sock = self._shadow = zmq.Socket.shadow(self._sock.underlying)
         return sock
 
-    async def _asend(self, frames: Sequence[Any]) -> None:
-        """Send one message from the asyncio face: at once when the socket takes it, else awaited."""
+    async def _asend(self, frames: Sequence[Any], timeout: float | None = None) -> None:
+        """Send one message from the asyncio face: at once when the socket takes it, else awaited
+        (at most `timeout` seconds: TimeoutError, and nothing was sent)."""
         try:
             send_frames(self._sync_sock, frames, _NOBLOCK)
         except zmq.Again:
-            await self._sock.send_multipart(frames, copy=False)
+            await asyncio.wait_for(self._sock.send_multipart(frames, copy=False), timeout)
 
     def _attach_peer_watch(self, sock: Any) -> None:
         self._peers = PeerWatch(sock)

@@ -27,13 +27,12 @@ from .. import codec
 from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
 from .._socket import RECV, AnyContext, SocketOwner, recv_frames_first, send_frames
-
-_NOBLOCK = int(zmq.NOBLOCK)
 from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource
 from ..errors import ConfigError, ReadyTimeout
 from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB, SocketOptions
 
+_NOBLOCK = int(zmq.NOBLOCK)
 _DRAIN_EVERY = 256
 """A publisher reads its subscription traffic at least once per this many publishes."""
 _MAX_TRACKED = 100_000

@@ -172,13 +172,13 @@ class _WorkerBase(SocketOwner):
             out.append(self._take_acks())  # type: ignore[arg-type]
         return out
 
-    def _leave(self, send: Callable[[list[bytes]], Any]) -> None:
-        """Settle what was handled, then tell the sidecar to give the rest to other workers now."""
+    def _leave(self) -> None:
+        """Settle what was handled, then tell the sidecar to give the rest to other workers now (without waiting)."""
         try:
             acks = self._take_acks()
             if acks is not None:
-                send(acks)
-            send([p.BYE, p.pack({"worker": self.worker_id})])
+                send_frames(self._sync_sock, acks, _NOBLOCK)
+            send_frames(self._sync_sock, [p.BYE, p.pack({"worker": self.worker_id})], _NOBLOCK)
         except zmq.ZMQError:
             pass  # the sidecar is unreachable; the lease simply expires
 
@@ -231,7 +231,7 @@ class Worker(_WorkerBase):
                 acks = self._take_acks()
                 if acks is not None:
                     send_frames(sock, acks)
-            self._leave(lambda frames: send_frames(sock, frames, zmq.NOBLOCK))
+            self._leave()
         finally:
             self._stop.set()
             beat.join(self.heartbeat + 1.0)
@@ -324,7 +324,7 @@ class AsyncWorker(_WorkerBase):
                 acks = self._take_acks()
                 if acks is not None:
                     await self._asend(acks)
-            self._leave(lambda frames: self._sync_sock.send_multipart(frames, zmq.NOBLOCK))
+            self._leave()
         finally:
             beat.cancel()
         return handled
