@@ -18,6 +18,7 @@ from zfabric import (
     ReadyTimeout,
     ReceiveTimeout,
     SocketOptions,
+    Subscriber,
     codec,
 )
 from zfabric.patterns.forwarder import ForwarderProcess
@@ -217,3 +218,39 @@ def test_publishing_resumes_after_the_forwarder_is_killed_and_restarted(face: Fa
         assert sub.gaps == 0
     finally:
         second.stop()
+
+
+PUBLISH_AND_EXIT = """
+import sys
+from zfabric import Publisher, SocketOptions
+count = int(sys.argv[1])
+options = SocketOptions(send_hwm=0, heartbeat_ivl_ms=100, linger_ms=30_000)
+with Publisher("tcp://127.0.0.1:0", bind=True, options=options) as publisher:
+    print(publisher.endpoint, flush=True)
+    publisher.wait_for_subscribers(1, "t", timeout=10)
+    for n in range(count):
+        publisher.publish("t", n)
+"""
+
+
+def test_a_publisher_that_exits_while_its_subscriber_lags_loses_nothing(processes: Any) -> None:
+    """A publisher with no high-water mark publishes a burst and exits; the lagging subscriber still gets all of it.
+
+    A subscriber's ZMTP ping reaching the closed publisher made Linux reset the connection, which threw away
+    everything still in flight.
+    """
+    count = 60_000
+    publisher = processes.python("-c", PUBLISH_AND_EXIT, str(count))
+    endpoint = processes.wait_line(publisher, r"^(tcp://\S+)").group(1)
+    with Subscriber(endpoint, topics="t", options=SocketOptions(heartbeat_ivl_ms=100)) as sub:
+        got: list[int] = []
+        try:
+            while len(got) < count:
+                got.append(sub.receive(timeout=5).body)
+                if len(got) % 200 == 0:
+                    time.sleep(0.001)
+        except ReceiveTimeout:
+            pass
+        assert publisher.wait(timeout=30) == 0
+        assert len(got) == count, f"{count - len(got)} of {count} messages lost (the publisher exited after publishing)"
+        assert got == list(range(count)) and sub.gaps == 0
