@@ -8,6 +8,7 @@ compared within one run on one machine.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -83,6 +84,8 @@ def queue_pull(impl: str, count: int, size: int = 100, slow_every: int = 0, keys
         elapsed = time.perf_counter() - start
         sock.close()
         ctx.term()
+    elif impl == "zf-async":
+        elapsed = asyncio.run(_async_pull(count))
     else:
         from zfabric import Consumer, SocketOptions
 
@@ -106,8 +109,36 @@ def queue_pull(impl: str, count: int, size: int = 100, slow_every: int = 0, keys
     emit(result={"count": count - 1, "seconds": elapsed, "rss_mb": rss_mb()})
 
 
+async def _async_pull(count: int) -> float:
+    """queue_pull through AsyncConsumer: seconds from the first message to the last."""
+    from zfabric import AsyncConsumer
+
+    async with AsyncConsumer(LOOPBACK) as consumer:
+        emit(endpoint=consumer.endpoint)
+        receive = consumer.receive
+        await receive()
+        start = time.perf_counter()
+        for _ in range(count - 1):
+            await receive()
+        return time.perf_counter() - start
+
+
+async def _async_push(endpoint: str, count: int, body: Any) -> None:
+    from zfabric import AsyncProducer, SocketOptions
+
+    async with AsyncProducer(endpoint, options=SocketOptions(linger_ms=60_000)) as producer:
+        await producer.wait_for_consumers(1)
+        send = producer.send
+        for _ in range(count):
+            await send(body)
+
+
 def queue_push(impl: str, endpoint: str, count: int, size: int, batch: int = 0, keys: str = "") -> None:
     body = body_of(size)
+    if impl == "zf-async":
+        asyncio.run(_async_push(endpoint, count, body))
+        emit(result={"rss_mb": rss_mb()})
+        return
     if impl == "raw":
         ctx = zmq.Context()
         sock = ctx.socket(zmq.PUSH)

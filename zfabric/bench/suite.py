@@ -268,6 +268,8 @@ def run_suite(quick: bool = False, on_row: Callable[[Row], None] | None = None,
                 batched = best_of(lambda *a: queue_rate(*a)[0], "zf", count, size, 100)
                 add(Row(f"queue msgs/s, {label}, tcp, send_batch of 100 (vs raw per message)", "msg/s", rates["raw"],
                         batched, target=0.7))
+                aio = best_of(lambda *a: queue_rate(*a)[0], "zf-async", count, size)
+                add(Row(f"queue msgs/s, {label}, tcp, asyncio faces (vs raw, sync)", "msg/s", rates["raw"], aio))
     if want("curve"):
         for size in (100, 4096):
             count = plan.queue_counts[size] // 2
