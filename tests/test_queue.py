@@ -272,6 +272,65 @@ def test_asyncio_receivers_sharing_a_consumer_get_each_message_once_and_a_cancel
     assert timeouts == 3
 
 
+def test_asyncio_receivers_share_a_batch_instead_of_waiting_for_the_socket() -> None:
+    """Tasks sharing an AsyncConsumer each handle messages concurrently, also when they came in one batch:
+    a task waiting for the socket must be woken for envelopes another task's receive left behind."""
+    import asyncio
+
+    from zfabric import AsyncConsumer, AsyncProducer
+
+    async def main() -> tuple[list[int], int]:
+        async with AsyncConsumer("tcp://127.0.0.1:0") as consumer, AsyncProducer(consumer.endpoint) as producer:
+            await producer.wait_for_consumers(1, timeout=5)
+            got: list[int] = []
+            busy = peak = 0
+
+            async def handler() -> None:
+                nonlocal busy, peak
+                while len(got) < 30:
+                    try:
+                        env = await consumer.receive(timeout=2.0)
+                    except ReceiveTimeout:
+                        return
+                    busy += 1
+                    peak = max(peak, busy)
+                    await asyncio.sleep(0.02)  # a handler awaiting I/O: the others should go on meanwhile
+                    got.append(env.body)
+                    busy -= 1
+
+            tasks = [asyncio.ensure_future(handler()) for _ in range(3)]
+            await asyncio.sleep(0.05)  # all three are waiting before the batch arrives
+            await producer.send_batch(range(30))
+            await asyncio.gather(*tasks)
+            return got, peak
+
+    got, peak = asyncio.run(asyncio.wait_for(main(), 30))
+    assert sorted(got) == list(range(30))
+    assert peak == 3, f"at most {peak} of 3 handlers ran at once"
+
+
+def test_an_asyncio_receiver_is_woken_for_a_message_another_receive_left_waiting() -> None:
+    """Two messages arrive while task A waits; the main task's receive takes one straight off the socket (which
+    consumes libzmq's edge-triggered signal). A must still be woken for the other."""
+    import asyncio
+
+    from zfabric import AsyncConsumer, AsyncProducer
+
+    async def main() -> tuple[Any, Any]:
+        async with AsyncConsumer("tcp://127.0.0.1:0") as consumer, AsyncProducer(consumer.endpoint) as producer:
+            await producer.wait_for_consumers(1, timeout=5)
+            waiter = asyncio.ensure_future(consumer.receive())
+            await asyncio.sleep(0.05)  # A is waiting in its poll
+            await producer.send("first")
+            await producer.send("second")
+            time.sleep(0.3)  # block the loop on purpose: both arrive before A's poll can see them
+            mine = await consumer.receive(timeout=1.0)
+            theirs = await asyncio.wait_for(waiter, 2.0)  # woken at once, not by the next message
+            return mine.body, theirs.body
+
+    assert sorted(asyncio.run(asyncio.wait_for(main(), 30))) == ["first", "second"]
+
+
 PRODUCE_AND_EXIT = """
 import sys
 from zfabric import Producer, SocketOptions

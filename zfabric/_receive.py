@@ -7,6 +7,7 @@ skipped: a receive loop never dies of foreign bytes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -176,9 +177,13 @@ class SyncInbox(Inbox):
 
 
 class AsyncInbox(Inbox):
-    """Awaitable receive, with an optional timeout, and `async for`."""
+    """Awaitable receive, with an optional timeout, and `async for`; any number of tasks may share it."""
 
     _asyncio = True
+    _waiters = 0
+    """Tasks in receive() waiting for the socket."""
+    _wake: asyncio.Future[None] | None = None
+    """Resolved to wake every waiter: a receive left envelopes of a batch in `_pending` for them."""
 
     async def receive(self, timeout: float | None = None) -> Envelope:
         """The next valid envelope; raises ReceiveTimeout after `timeout` seconds (None: wait forever)."""
@@ -191,14 +196,41 @@ class AsyncInbox(Inbox):
             try:  # what is waiting is received at once, as in the sync face; only waiting goes through the loop
                 first = RECV(sync, _NOBLOCK, False)
             except zmq.Again:
-                if deadline is None:
-                    await self._sock.poll(None, zmq.POLLIN)  # may wake with nothing to take: the loop tries again
-                elif not await self._sock.poll(_remaining_ms(deadline), zmq.POLLIN) and time.monotonic() >= deadline:
+                if not await self._wait(deadline):
                     raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}") from None
+                if self._pending:
+                    return self._pending.popleft()
                 continue
             env = self._take(sync, first)
+            if self._waiters:
+                self._wake_others()
             if env is not None:
                 return env
+
+    async def _wait(self, deadline: float | None) -> bool:
+        """Until the socket may hold a message, or another receive wakes the waiters; False if `deadline` passed
+        with neither. Either may wake with nothing to take: the caller tries again."""
+        poll = self._sock.poll(None if deadline is None else _remaining_ms(deadline), zmq.POLLIN)
+        wake = self._wake
+        if wake is None or wake.done():
+            wake = self._wake = asyncio.get_running_loop().create_future()
+        self._waiters += 1
+        try:
+            await asyncio.wait((poll, wake), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiters -= 1
+            if not poll.done():
+                poll.cancel()
+        if deadline is None or wake.done() or time.monotonic() < deadline:
+            return True
+        return not poll.cancelled() and bool(poll.result())
+
+    def _wake_others(self) -> None:
+        """After a receive while other tasks wait: wake them all for envelopes it left in `_pending`, and let pyzmq
+        look at the socket again, since the receive consumed libzmq's edge-triggered signal their polls wait for."""
+        if self._pending and self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+        self._sock.get(zmq.EVENTS)
 
     def __aiter__(self) -> AsyncIterator[Envelope]:
         return self._iterate()
