@@ -310,3 +310,31 @@ def test_a_replier_answers_a_batch_as_it_goes_and_refuses_what_is_not_a_request(
     assert {r.correlation_id: r.body for r in replies} == {e.id: e.body + 1 for e in requests}
     assert first_at < started[-1], "the first reply waited for the whole batch"
     assert replier.stats.invalid == 1 and replier.stats.requests == 5 and replier.stats.replies == 5
+
+
+def test_asyncio_tasks_sharing_a_requester_never_wait_out_a_reply_that_arrived() -> None:
+    """Many tasks send on one AsyncRequester while its reader waits for replies, against an AsyncReplier whose
+    answers go out while it waits for requests. Sends and receives that skip the event loop consume libzmq's
+    edge-triggered signal; a waiter that missed it would sit until the timeout (here a failure, no retries)."""
+    import asyncio
+
+    from zfabric import AsyncReplier, AsyncRequester
+
+    async def echo(env: Envelope) -> Any:
+        await asyncio.sleep(0)
+        return env.body
+
+    async def main() -> list[int]:
+        async with AsyncReplier("tcp://127.0.0.1:0", echo, bind=True) as replier:
+            serving = asyncio.ensure_future(replier.serve())
+            async with AsyncRequester(replier.endpoint, timeout=3.0, retries=0) as requester:
+                async def caller(k: int) -> list[int]:
+                    return [await requester.request(k * 1000 + n) for n in range(40)]
+
+                results = await asyncio.gather(*(caller(k) for k in range(50)))
+            replier.stop()
+            await serving
+        return [n for part in results for n in part]
+
+    got = asyncio.run(asyncio.wait_for(main(), 60))
+    assert sorted(got) == sorted(k * 1000 + n for k in range(50) for n in range(40))

@@ -310,6 +310,9 @@ class AsyncReplier(_ReplierBase):
                     self.stats.sent += 1
                 except zmq.ZMQError as exc:
                     self._undeliverable(exc)
+                # The send may have consumed the edge serve()'s poll waits for; reading EVENTS through the
+                # asyncio socket makes pyzmq look again.
+                self._sock.get(zmq.EVENTS)
         finally:
             self._limit.release()
 
@@ -319,11 +322,10 @@ class AsyncReplier(_ReplierBase):
         handled = 0
         try:
             while not self._stop.is_set() and (max_requests is None or handled < max_requests):
-                if not await self._sock.poll(100, zmq.POLLIN):
-                    continue
-                try:
+                try:  # what is waiting is taken at once; only waiting goes through the loop (at most 100 ms: stop())
                     frames, first = recv_frames_first(self._sync_sock, zmq.NOBLOCK)
                 except zmq.Again:
+                    await self._sock.poll(100, zmq.POLLIN)
                     continue
                 handled += 1
                 parsed = self._parse(frames, user_of(first) if self.permissions is not None else None)
@@ -563,6 +565,7 @@ class AsyncRequester(_RequesterBase):
         super().__init__(endpoints, **kwargs)
         self._futures: dict[bytes, asyncio.Future[Any]] = {}
         self._readers: dict[int, asyncio.Task[None]] = {}
+        self._shadows: dict[int, zmq.Socket[Any]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due: float | None = None
 
@@ -603,6 +606,7 @@ class AsyncRequester(_RequesterBase):
             self._start_reader(generation)
         for frames, count in self._messages(envs, per):
             self._send_frames(generation, frames, count)
+        self._rearm(generation)
         self._arm_timer()
         return futures
 
@@ -616,11 +620,32 @@ class AsyncRequester(_RequesterBase):
     def _start_reader(self, generation: int) -> None:
         self._readers[generation] = asyncio.ensure_future(self._read(generation, self._sockets[generation]))
 
+    def _shadow(self, generation: int) -> zmq.Socket[Any]:
+        """A sync socket on a generation's ZeroMQ socket (see SocketOwner._sync_sock). Only while the generation
+        is live: retiring closes the ZeroMQ socket, and a shadow cannot know it."""
+        sock = self._shadows.get(generation)
+        if sock is None:
+            sock = self._shadows[generation] = zmq.Socket.shadow(self._sockets[generation].underlying)
+        return sock
+
+    def _rearm(self, generation: int) -> None:
+        """After sends through the shadow: libzmq signals arrivals on an edge, and a send can consume the edge
+        the reader's poll waits for. Reading EVENTS through the asyncio socket makes pyzmq look again."""
+        sock = self._sockets.get(generation)
+        if sock is not None:
+            sock.get(zmq.EVENTS)
+
     async def _read(self, generation: int, sock: Any) -> None:
-        while True:
+        """Settle the futures of the replies that arrive: what is waiting is taken at once, only waiting is awaited."""
+        while generation in self._sockets:
             try:
-                frames = await sock.recv_multipart()
-            except (zmq.ZMQError, asyncio.CancelledError):
+                frames = recv_frames(self._shadow(generation), _NOBLOCK)
+            except zmq.Again:
+                try:  # a receive future costs less than a poll future, and brings the message
+                    frames = await sock.recv_multipart()
+                except (zmq.ZMQError, asyncio.CancelledError):
+                    return
+            except zmq.ZMQError:
                 return
             replies = self._decode_replies(frames)
             for rid, outcome in replies:
@@ -634,10 +659,16 @@ class AsyncRequester(_RequesterBase):
                 self._close_idle()
 
     def _send_frames(self, generation: int, frames: list[Any], count: int) -> None:
-        # No await: the request's own timer covers a send that never completes (no replier
-        # connected yet, with IMMEDIATE), and a retired socket cancels its pending sends.
-        sent = self._sockets[generation].send_multipart(frames)
-        sent.add_done_callback(lambda fut: self._sent(fut, count))
+        """Send at once when the socket takes it; else through pyzmq's asyncio send, not awaited: the request's
+        own timer covers a send that never completes (no replier connected yet, with IMMEDIATE), and a retired
+        socket cancels its pending sends."""
+        try:
+            send_frames(self._shadow(generation), frames, _NOBLOCK)
+        except zmq.Again:
+            sent = self._sockets[generation].send_multipart(frames)
+            sent.add_done_callback(lambda fut: self._sent(fut, count))
+            return
+        self.stats.sent += count
 
     def _sent(self, fut: asyncio.Future[Any], count: int) -> None:
         if not fut.cancelled() and fut.exception() is None:
@@ -665,6 +696,8 @@ class AsyncRequester(_RequesterBase):
             self._start_reader(self.flow.generation)
         for env in resend:
             self._send_frames(self.flow.generation, codec.encode(env, self._pack), 1)
+        if resend:
+            self._rearm(self.flow.generation)
         self._close_idle()
         self._arm_timer()
 
@@ -672,6 +705,7 @@ class AsyncRequester(_RequesterBase):
         reader = self._readers.pop(generation, None)
         if reader is not None:
             reader.cancel()
+        self._shadows.pop(generation, None)
         super()._retire(generation)
 
     def close(self, linger_ms: int | None = None) -> None:
@@ -684,5 +718,6 @@ class AsyncRequester(_RequesterBase):
             if not fut.done():
                 fut.set_exception(ClosedError("requester closed while the request was waiting"))
         self._futures.clear()
+        self._shadows.clear()
         super().close(linger_ms)
 
