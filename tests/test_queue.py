@@ -19,6 +19,7 @@ from zfabric import (
     Envelope,
     IdSource,
     Kind,
+    Producer,
     ReadyTimeout,
     ReceiveTimeout,
     SendTimeout,
@@ -329,6 +330,50 @@ def test_an_asyncio_receiver_is_woken_for_a_message_another_receive_left_waiting
             return mine.body, theirs.body
 
     assert sorted(asyncio.run(asyncio.wait_for(main(), 30))) == ["first", "second"]
+
+
+FROZEN_CONSUMER = """
+import sys
+from zfabric import Consumer, SocketOptions
+options = SocketOptions(heartbeat_ivl_ms=200, heartbeat_timeout_ms=1000)
+with Consumer(sys.argv[1], bind=False, options=options) as consumer:
+    print("ready", flush=True)
+    got = []
+    while True:
+        body = consumer.receive(timeout=30).body
+        if body == "end":
+            break
+        got.append(body)
+    print(len(got), got == list(range(len(got))), flush=True)
+"""
+
+
+def test_a_frozen_consumer_keeps_its_backlog_and_gets_it_when_it_resumes(processes: Any) -> None:
+    """SIGSTOP a consumer for longer than the heartbeat timeout while the producer fills its connection: the
+    connection stays (its kernel still answers), and after SIGCONT every message arrives, in order. A TCP user
+    timeout (ZMQ_TCP_MAXRT) would drop it with everything it held: tried, 1,152 of 97,000 arrived."""
+    import os
+    import signal
+
+    options = SocketOptions(heartbeat_ivl_ms=200, heartbeat_timeout_ms=1000)
+    with Producer("tcp://127.0.0.1:0", bind=True, options=options) as producer:
+        consumer = processes.python("-c", FROZEN_CONSUMER, producer.endpoint)
+        processes.wait_line(consumer, "ready")
+        producer.wait_for_consumers(1, timeout=10)
+        os.kill(consumer.pid, signal.SIGSTOP)
+        sent = 0
+        try:
+            while True:
+                producer.send(sent, timeout=0.5)
+                sent += 1
+        except SendTimeout:
+            pass
+        time.sleep(2.5)  # frozen for well over the heartbeat timeout
+        os.kill(consumer.pid, signal.SIGCONT)
+        producer.send("end", timeout=10)
+        line = processes.wait_line(consumer, r"^\d+ (True|False)$", timeout=30)
+    assert sent > 1000
+    assert line.group(0) == f"{sent} True"
 
 
 PRODUCE_AND_EXIT = """
