@@ -254,3 +254,37 @@ def test_a_publisher_that_exits_while_its_subscriber_lags_loses_nothing(processe
         assert publisher.wait(timeout=30) == 0
         assert len(got) == count, f"{count - len(got)} of {count} messages lost (the publisher exited after publishing)"
         assert got == list(range(count)) and sub.gaps == 0
+
+
+def test_an_asyncio_publisher_sees_a_subscriber_arrive_while_another_task_publishes() -> None:
+    """wait_for_subscribers in one task while another publishes without pause: a publish may read the
+    subscription (and the socket's signal) first, and the waiter must still see it, well before its timeout."""
+    import asyncio
+
+    from zfabric import AsyncPublisher
+
+    async def main() -> tuple[int, float]:
+        async with AsyncPublisher("tcp://127.0.0.1:0", bind=True) as publisher:
+            stop = False
+
+            async def publish() -> None:
+                n = 0
+                while not stop:
+                    await publisher.publish("t", n)
+                    n += 1
+                    if n % 2000 == 0:  # long bursts: its drains, not the waiter, tend to read the subscription
+                        await asyncio.sleep(0)
+
+            busy = asyncio.ensure_future(publish())
+            await asyncio.sleep(0.05)
+            with Subscriber(publisher.endpoint, topics="t"):
+                start = time.monotonic()
+                found = await publisher.wait_for_subscribers(1, "t", timeout=5.0)
+                took = time.monotonic() - start
+            stop = True
+            await busy
+        return found, took
+
+    found, took = asyncio.run(asyncio.wait_for(main(), 30))
+    assert found == 1
+    assert took < 4.0, f"the subscriber was seen only after {took:.1f} s"

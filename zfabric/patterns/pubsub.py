@@ -35,6 +35,8 @@ from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB, SocketOpti
 _NOBLOCK = int(zmq.NOBLOCK)
 _DRAIN_EVERY = 256
 """A publisher reads its subscription traffic at least once per this many publishes."""
+_CONTROL_SLICE_MS = 100
+"""An asyncio publisher waiting for subscribers looks at its counts at least this often."""
 _MAX_TRACKED = 100_000
 """Sequence trackers a subscriber keeps (publisher x topic) before forgetting the oldest."""
 
@@ -182,8 +184,11 @@ class AsyncPublisher(_PublisherBase):
             n = self.subscribers(topic)
             if n >= count:
                 return n
-            if not await self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+            left = _remaining_ms(deadline)
+            if not left:
                 raise ReadyTimeout(f"{n} of {count} subscriber(s) for topic {topic!r} after {timeout:g} s")
+            # In slices: a publish in another task may read the subscription (and the socket's signal) first.
+            await self._sock.poll(min(left, _CONTROL_SLICE_MS), zmq.POLLIN)
 
 
 @dataclass
