@@ -41,16 +41,20 @@ def context_for(context: AnyContext | None, asyncio: bool) -> tuple[zmq.Context,
     return context, False
 
 
-_ONE_WAY = frozenset({zmq.PUSH, zmq.PULL, zmq.PUB, zmq.XPUB, zmq.SUB, zmq.XSUB})
-"""Sockets whose messages flow one way. They never send ZMTP pings: a ping (or its pong) that reaches a peer
-after that peer closed its end makes Linux answer with a TCP reset, and the reset throws away everything still
-in flight: a producer that sent a burst and exited lost 20-40,000 messages to a lagging consumer (tcp, measured
-with libzmq 4.3.5; over ipc the failed ping write lost about 1,000). TCP keepalive, which carries no data,
-notices a dead host or a broken path instead."""
+# zfabric never turns on ZMTP heartbeats (ZMQ_HEARTBEAT_IVL); TCP keepalive, which carries no data, notices dead
+# hosts instead. Measured with libzmq 4.3.5, heartbeats cost messages and crashes:
+# - A ping (or its pong) that reaches a peer which has just closed its end makes Linux answer with a TCP reset,
+#   and the reset throws away everything still in flight: a producer that sent a burst and exited lost
+#   20,000-48,000 of 60,000 messages to a lagging consumer (tests/test_queue.py).
+# - A socket whose queue is full stops reading its connection; if the peer then goes away, heartbeats make
+#   libzmq abort the whole process (`Assertion failed: !_io_error`, libzmq#4364, open): a busy replier
+#   died every time its client left (tests/test_reqrep.py). The request, scatter and sidecar protocols
+#   have deadlines and leases of their own, so pings add nothing there that is worth that.
 
 
 def _keepalive(sock: zmq.Socket, options: SocketOptions) -> None:
-    """TCP keepalive probes every heartbeat interval; a peer that answers none for heartbeat_timeout_ms is dropped."""
+    """TCP keepalive probes every heartbeat interval while a connection is idle; a peer whose host answers none
+    for heartbeat_timeout_ms is dropped. (Not TCP_MAXRT: that also drops a frozen peer, with all it holds.)"""
     every = max(1, round(options.heartbeat_ivl_ms / 1000))
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, every)
@@ -87,12 +91,8 @@ def open_socket(
         sock.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
         sock.setsockopt(zmq.RECONNECT_IVL, options.reconnect_ivl_ms)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, options.reconnect_ivl_max_ms)
-        if options.heartbeat_ivl_ms and socket_type in _ONE_WAY:
+        if options.heartbeat_ivl_ms:
             _keepalive(sock, options)
-        elif options.heartbeat_ivl_ms:
-            sock.setsockopt(zmq.HEARTBEAT_IVL, options.heartbeat_ivl_ms)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, options.heartbeat_timeout_ms)
-            sock.setsockopt(zmq.HEARTBEAT_TTL, options.heartbeat_timeout_ms)
         for opt, value in (tune or {}).items():
             sock.setsockopt(opt, value)
         if options.curve is not None:

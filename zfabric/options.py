@@ -31,14 +31,14 @@ class SocketOptions:
     max_message_size: int = 64 * 1024 * 1024
     """Largest inbound message in bytes; a peer that sends more is disconnected. -1: no limit."""
     heartbeat_ivl_ms: int = 1000
-    """Liveness probe interval; 0 turns probes off. Sockets that send and receive (request-reply, scatter-gather,
-    sidecars) send ZMTP pings. One-way sockets (queues, pub/sub, the forwarder) use TCP keepalive instead: a ping
-    that reaches a peer which has just closed its end makes Linux reset the connection, and the reset throws away
-    every message still in flight to that peer."""
+    """TCP keepalive probe interval on idle connections (rounded to whole seconds); 0 turns probes off.
+    zfabric never sends ZMTP pings: with libzmq 4.3.5 a ping reaching a peer that had just closed reset the
+    connection and lost what was in flight, and pings made a socket with a full queue abort the process when
+    its peer left. Deadlines, retries and leases at the pattern level cover what pings would."""
     heartbeat_timeout_ms: int = 30_000
-    """A peer silent this long is dropped (for one-way sockets: a peer that answers no keepalive probe). Not lower
-    than seconds of backlog: libzmq can miss a PONG queued behind a saturated stream, and a dropped connection loses
-    what its pipes held (measured: 3 s lost 1-2% of a 1,000,000-message burst to a slow consumer; 30 s lost none)."""
+    """A peer whose host answers no keepalive probe for this long is dropped. A connection with messages in
+    flight is judged by the kernel's retransmission limit instead (minutes); a frozen process is kept, since
+    its kernel still answers, and gets what is queued for it when it resumes."""
     reconnect_ivl_ms: int = 100
     """First reconnect delay after a lost connection."""
     reconnect_ivl_max_ms: int = 2000
