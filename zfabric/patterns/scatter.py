@@ -20,7 +20,6 @@ from typing import Any
 import zmq
 
 from .. import codec
-from .._logs import Throttled
 from .._receive import decode_counted
 from .._socket import AnyContext, SocketOwner, recv_frames, send_frames
 from ..endpoint import Endpoint
@@ -28,6 +27,8 @@ from ..envelope import Envelope, IdSource, Kind
 from ..errors import ConfigError
 from ..options import UNSET, SocketOptions, Unset
 from ._flows import GatherBook, GatherCounters, GatherResult, GatherRound
+
+_NOBLOCK = int(zmq.NOBLOCK)
 
 log = logging.getLogger("zfabric.scatter")
 
@@ -71,7 +72,6 @@ class _ScattererBase(SocketOwner):
         self.stats = GatherCounters()
         self.book = GatherBook(self.stats)
         self._ids = IdSource()
-        self._bad_log = Throttled(log)
 
     def _check_quorum(self, quorum: int | None) -> int | None:
         if quorum is not None and not 1 <= quorum <= len(self.members):
@@ -151,7 +151,9 @@ class AsyncScatterer(_ScattererBase):
         round_, frames = self._open_round(body, headers, deadline, quorum)
         if self._reader is None:
             self._reader = asyncio.ensure_future(self._read())
-        self._send_all(round_, frames, self._send_now)
+        sync = self._sync_sock
+        self._send_all(round_, frames, lambda f: send_frames(sync, f, _NOBLOCK))  # as the sync face: at once or not
+        self._sock.get(zmq.EVENTS)  # the sends may have consumed the edge the reader waits for: make pyzmq look again
         if not round_.finished(time.monotonic()):
             waiter = asyncio.get_running_loop().create_future()
             self._waiters[round_.request_id] = waiter
@@ -163,25 +165,18 @@ class AsyncScatterer(_ScattererBase):
                 self._waiters.pop(round_.request_id, None)
         return self._finish(round_, reduce)
 
-    def _send_now(self, frames: list[Any]) -> None:
-        # A non-blocking send on an asyncio socket usually settles at once; then raise like the
-        # sync face. If pyzmq queued it behind another send, its outcome is only logged.
-        fut = self._sock.send_multipart(frames, zmq.NOBLOCK)
-        if not fut.done():
-            fut.add_done_callback(self._queued_send_done)
-        elif fut.exception() is not None:
-            raise fut.exception()
-
-    def _queued_send_done(self, fut: asyncio.Future[Any]) -> None:
-        if not fut.cancelled() and fut.exception() is not None:
-            self.stats.unsent += 1
-            self._bad_log.warning("send", "scatterer: a queued request was not sent: %s", fut.exception())
-
     async def _read(self) -> None:
-        while True:
+        """Settle rounds as replies arrive: what is waiting is taken at once, only waiting is awaited."""
+        sync = self._sync_sock
+        while not self._closed:
             try:
-                frames = await self._sock.recv_multipart()
-            except (zmq.ZMQError, asyncio.CancelledError):
+                frames = recv_frames(sync, _NOBLOCK)
+            except zmq.Again:
+                try:
+                    frames = await self._sock.recv_multipart()
+                except (zmq.ZMQError, asyncio.CancelledError):
+                    return
+            except zmq.ZMQError:
                 return
             round_ = self._on_frames(frames)
             if round_ is not None and round_.finished(time.monotonic()):
