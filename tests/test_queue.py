@@ -409,3 +409,27 @@ def test_a_producer_that_exits_while_its_consumer_lags_loses_nothing(processes: 
         assert producer.wait(timeout=30) == 0
         assert len(got) == count, f"{count - len(got)} of {count} messages lost (the producer exited after sending)"
         assert got == list(range(count))
+
+
+def test_a_close_that_drops_queued_messages_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """ZeroMQ drops what is still queued when the linger is up, without a word; zfabric logs a warning then,
+    and stays quiet when everything went out."""
+    import logging
+
+    with Consumer("tcp://127.0.0.1:0") as consumer:  # never reads: the producer's queue fills up
+        producer = Producer(consumer.endpoint, options=SocketOptions(linger_ms=200))
+        producer.wait_for_consumers(1, timeout=5)
+        with pytest.raises(SendTimeout):
+            for n in range(1_000_000):
+                producer.send(n, timeout=0.2)
+        with caplog.at_level(logging.WARNING, logger="zfabric"):
+            producer.close()
+        assert "closed after its whole linger of 200 ms" in caplog.text
+
+    caplog.clear()
+    with Consumer("tcp://127.0.0.1:0") as consumer, caplog.at_level(logging.WARNING, logger="zfabric"):
+        with Producer(consumer.endpoint, options=SocketOptions(linger_ms=2000)) as producer:
+            producer.wait_for_consumers(1, timeout=5)
+            producer.send("one")
+        assert consumer.receive(timeout=5).body == "one"
+    assert "whole linger" not in caplog.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar
@@ -373,13 +374,23 @@ class SocketOwner:
         self._sock.close(linger_ms)
 
     def close(self, linger_ms: int | None = None) -> None:
-        """Close the socket, waiting at most `linger_ms` (default: the options') to flush."""
+        """Close the socket, waiting at most `linger_ms` (default: the options') to flush.
+
+        Messages still queued when that time is up are dropped by ZeroMQ, silently; when this object owns its
+        context, a close that took the whole linger logs a warning saying so.
+        """
         if self._closed:
             return
         self._closed = True
-        self._close_sockets(self.options.linger_ms if linger_ms is None else linger_ms)
+        linger = self.options.linger_ms if linger_ms is None else linger_ms
+        self._close_sockets(linger)
         if self._owns_ctx:
-            self._ctx.term()
+            started = time.monotonic()
+            self._ctx.term()  # returns once everything queued is sent, or the linger is up
+            if linger > 0 and time.monotonic() - started >= linger / 1000 * 0.95:
+                log.warning("%s closed after its whole linger of %d ms: messages still queued then were dropped "
+                            "(a peer that is slow or gone); raise SocketOptions.linger_ms to wait longer",
+                            self._who, linger)
 
     def __enter__(self) -> Any:
         return self
