@@ -19,7 +19,7 @@ import zmq
 from . import codec
 from ._counters import Counters
 from ._logs import Throttled
-from ._socket import RECV, SocketOwner, peer_of, readable, recv_rest
+from ._socket import RECV, SocketOwner, peer_of, readable, rearm, recv_rest
 from .envelope import Envelope
 from .errors import DecodeError, ReceiveTimeout
 
@@ -226,11 +226,11 @@ class AsyncInbox(Inbox):
         return not poll.cancelled() and bool(poll.result())
 
     def _wake_others(self) -> None:
-        """After a receive while other tasks wait: wake them all for envelopes it left in `_pending`, and let pyzmq
-        look at the socket again, since the receive consumed libzmq's edge-triggered signal their polls wait for."""
+        """After a receive while other tasks wait: wake them all for envelopes it left in `_pending`, and make
+        pyzmq look at the socket again (see `rearm`)."""
         if self._pending and self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
-        self._sock.get(zmq.EVENTS)
+        rearm(self._sock)
 
     def __aiter__(self) -> AsyncIterator[Envelope]:
         return self._iterate()

@@ -229,6 +229,26 @@ def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
     return frames
 
 
+async def next_frames(sock: Any, shadow: zmq.Socket[Any]) -> list[bytes]:
+    """The next message on an asyncio socket: taken at once through its sync `shadow` when one is waiting,
+    else awaited (a receive future costs less than a poll, and brings the message)."""
+    try:
+        return recv_frames(shadow, _NOBLOCK)
+    except zmq.Again:
+        return await sock.recv_multipart()  # type: ignore[no-any-return]
+
+
+def rearm(sock: Any) -> None:
+    """Make pyzmq look at an asyncio socket again after I/O through its sync shadow.
+
+    libzmq signals arrivals on an edge, and a send or receive through the shadow can consume the
+    edge that a poll or receive awaited on the asyncio socket (in another task) is waiting for; that
+    task would then sleep until the next arrival. Reading EVENTS through the asyncio socket makes
+    pyzmq re-check and wake it, as pyzmq's own asyncio send does.
+    """
+    sock.get(zmq.EVENTS)
+
+
 def recv_frames_first(sock: zmq.Socket[Any], flags: int = 0) -> tuple[list[bytes], zmq.Frame]:
     """One message, and its first frame, whose properties say who sent it (see `peer_of`)."""
     first = RECV(sock, flags, False)

@@ -33,7 +33,9 @@ from .._receive import decode_counted
 from .._socket import (
     AnyContext,
     SocketOwner,
+    next_frames,
     open_socket,
+    rearm,
     recv_frames,
     recv_frames_first,
     recv_frames_with_user,
@@ -310,9 +312,7 @@ class AsyncReplier(_ReplierBase):
                     self.stats.sent += 1
                 except zmq.ZMQError as exc:
                     self._undeliverable(exc)
-                # The send may have consumed the edge serve()'s poll waits for; reading EVENTS through the
-                # asyncio socket makes pyzmq look again.
-                self._sock.get(zmq.EVENTS)
+                rearm(self._sock)  # serve() may be waiting in a poll
         finally:
             self._limit.release()
 
@@ -629,23 +629,17 @@ class AsyncRequester(_RequesterBase):
         return sock
 
     def _rearm(self, generation: int) -> None:
-        """After sends through the shadow: libzmq signals arrivals on an edge, and a send can consume the edge
-        the reader's poll waits for. Reading EVENTS through the asyncio socket makes pyzmq look again."""
+        """After sends through the shadow: the generation's reader may be waiting (see `rearm`)."""
         sock = self._sockets.get(generation)
         if sock is not None:
-            sock.get(zmq.EVENTS)
+            rearm(sock)
 
     async def _read(self, generation: int, sock: Any) -> None:
-        """Settle the futures of the replies that arrive: what is waiting is taken at once, only waiting is awaited."""
+        """Settle the futures of the replies that arrive."""
         while generation in self._sockets:
             try:
-                frames = recv_frames(self._shadow(generation), _NOBLOCK)
-            except zmq.Again:
-                try:  # a receive future costs less than a poll future, and brings the message
-                    frames = await sock.recv_multipart()
-                except (zmq.ZMQError, asyncio.CancelledError):
-                    return
-            except zmq.ZMQError:
+                frames = await next_frames(sock, self._shadow(generation))
+            except (zmq.ZMQError, asyncio.CancelledError):
                 return
             replies = self._decode_replies(frames)
             for rid, outcome in replies:

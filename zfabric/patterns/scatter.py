@@ -21,7 +21,14 @@ import zmq
 
 from .. import codec
 from .._receive import decode_counted
-from .._socket import AnyContext, SocketOwner, recv_frames, send_frames
+from .._socket import (
+    AnyContext,
+    SocketOwner,
+    next_frames,
+    rearm,
+    recv_frames,
+    send_frames,
+)
 from ..endpoint import Endpoint
 from ..envelope import Envelope, IdSource, Kind
 from ..errors import ConfigError
@@ -153,7 +160,7 @@ class AsyncScatterer(_ScattererBase):
             self._reader = asyncio.ensure_future(self._read())
         sync = self._sync_sock
         self._send_all(round_, frames, lambda f: send_frames(sync, f, _NOBLOCK))  # as the sync face: at once or not
-        self._sock.get(zmq.EVENTS)  # the sends may have consumed the edge the reader waits for: make pyzmq look again
+        rearm(self._sock)  # the reader may be waiting
         if not round_.finished(time.monotonic()):
             waiter = asyncio.get_running_loop().create_future()
             self._waiters[round_.request_id] = waiter
@@ -166,17 +173,12 @@ class AsyncScatterer(_ScattererBase):
         return self._finish(round_, reduce)
 
     async def _read(self) -> None:
-        """Settle rounds as replies arrive: what is waiting is taken at once, only waiting is awaited."""
+        """Settle rounds as replies arrive."""
         sync = self._sync_sock
         while not self._closed:
             try:
-                frames = recv_frames(sync, _NOBLOCK)
-            except zmq.Again:
-                try:
-                    frames = await self._sock.recv_multipart()
-                except (zmq.ZMQError, asyncio.CancelledError):
-                    return
-            except zmq.ZMQError:
+                frames = await next_frames(self._sock, sync)
+            except (zmq.ZMQError, asyncio.CancelledError):
                 return
             round_ = self._on_frames(frames)
             if round_ is not None and round_.finished(time.monotonic()):
