@@ -400,3 +400,25 @@ def test_an_asyncio_reply_that_arrives_during_another_tasks_sends_is_not_missed(
         assert asyncio.run(asyncio.wait_for(main(), 30)) == "a"
     finally:
         replier.close(0)
+
+
+def test_closing_a_replier_whose_handler_still_runs_ends_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() gives a running handler 5 s, then closes the socket under it: the serve thread must end without
+    an exception, and the reply it could not send is counted."""
+    from zfabric import Replier, Requester
+
+    errors: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+
+    def handler(env: Envelope) -> Any:
+        time.sleep(6.0)
+        return env.body
+
+    replier = Replier("tcp://127.0.0.1:0", handler, bind=True).start()
+    with Requester(replier.endpoint, timeout=0.5, retries=0) as requester, pytest.raises(RequestTimeout):
+        requester.request("slow")
+    replier.close()
+    replier._thread.join(5)
+    assert not replier._thread.is_alive()
+    assert errors == []
+    assert replier.stats.undeliverable == 1

@@ -182,8 +182,8 @@ class _ReplierBase(SocketOwner):
 
     def _undeliverable(self, exc: zmq.ZMQError) -> None:
         self.stats.undeliverable += 1
-        self._bad_log.warning("undeliverable", "replier %s: reply not delivered (%s); the requester is gone or full",
-                              self.endpoint, exc.strerror)
+        why = "the replier was closed while its handler ran" if self._closed else "the requester is gone or full"
+        self._bad_log.warning("undeliverable", "replier %s: reply not delivered (%s); %s", self.endpoint, exc.strerror, why)
 
     def stop(self) -> None:
         """Ask serve() to return (from any thread); it does within about 100 ms."""
@@ -259,7 +259,8 @@ class Replier(_ReplierBase):
                     continue
                 handled += self.handle_one(frames, who) or 1
         finally:
-            sock.setsockopt(zmq.RCVTIMEO, -1)
+            if not sock.closed:  # close() gives a running handler 5 s, then closes the socket under it
+                sock.setsockopt(zmq.RCVTIMEO, -1)
 
     def start(self) -> Replier:
         """Serve in a daemon thread; the socket is handed to that thread and used only there."""
