@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -403,9 +403,9 @@ class SocketOwner:
             return
         self._closed = True
         linger = self.options.linger_ms if linger_ms is None else linger_ms
+        started = time.monotonic()
         self._close_sockets(linger)
         if self._owns_ctx:
-            started = time.monotonic()
             self._ctx.term()  # returns once everything queued is sent, or the linger is up
             if linger > 0 and time.monotonic() - started >= linger / 1000 * 0.95:
                 log.warning("%s closed after its whole linger of %d ms: messages still queued then were dropped "
@@ -429,6 +429,39 @@ class SocketOwner:
         return f"<{type(self).__name__} {state}>"
 
 
+def unsent_bytes(fd: int) -> int:
+    """Bytes written to a connection that its peer has not read yet (a unix socket's send queue), 0 if unknown."""
+    try:
+        import array
+        import fcntl
+        import termios
+
+        buf = array.array("i", [0])
+        fcntl.ioctl(fd, termios.TIOCOUTQ, buf)
+    except (ImportError, OSError):  # not a POSIX system, or the connection is gone
+        return 0
+    return buf[0]
+
+
+def wait_handed_over(fds: Iterable[int], deadline: float) -> None:
+    """Until the peers of unix-socket connections `fds` have read everything sent on them, at most until
+    `deadline` (monotonic). The kernel exposes no event for it, so this polls its counter every 2 ms; two
+    empty readings 5 ms apart also mean libzmq had nothing left to write."""
+    fds = list(fds)
+    empty_since: float | None = None
+    while True:
+        now = time.monotonic()
+        if any(unsent_bytes(fd) for fd in fds):
+            empty_since = None
+        elif empty_since is None:
+            empty_since = now
+        elif now - empty_since >= 0.005:
+            return
+        if now >= deadline:
+            return
+        time.sleep(0.002)
+
+
 class PeerWatch:
     """Counts a socket's live peers from its monitor events (handshake done minus disconnected).
 
@@ -436,13 +469,15 @@ class PeerWatch:
     hoping (the first peer to connect would otherwise take the whole burst).
     """
 
-    EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+    EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED
 
     def __init__(self, sock: zmq.Socket) -> None:
         self._monitor = sock.get_monitor_socket(self.EVENTS)
         self._monitor.setsockopt(zmq.RCVHWM, 0)
         self._drain_sock: zmq.Socket[bytes] = zmq.Socket.shadow(self._monitor.underlying)
         self.peers = 0
+        self.fds: set[int] = set()
+        """The file descriptors of the open connections (libzmq's, in this process)."""
 
     def drain(self) -> int:
         """Apply every pending monitor event; returns the live peer count."""
@@ -453,11 +488,15 @@ class PeerWatch:
                 msg = self._drain_sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return self.peers
-            event = parse_monitor_message(msg)["event"]
+            parsed = parse_monitor_message(msg)
+            event = parsed["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.peers += 1
             elif event == zmq.EVENT_DISCONNECTED:
                 self.peers = max(0, self.peers - 1)
+                self.fds.discard(parsed["value"])
+            else:  # CONNECTED or ACCEPTED
+                self.fds.add(parsed["value"])
 
     @property
     def socket(self) -> Any:
