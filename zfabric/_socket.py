@@ -463,10 +463,12 @@ def wait_handed_over(fds: Iterable[int], deadline: float) -> None:
 
 
 class PeerWatch:
-    """Counts a socket's live peers from its monitor events (handshake done minus disconnected).
+    """Counts a socket's live peers from its monitor events (handshake done minus disconnected),
+    and keeps their connections' descriptors.
 
     Lets a sender wait until N peers are connected before a burst, instead of sleeping and
-    hoping (the first peer to connect would otherwise take the whole burst).
+    hoping (the first peer to connect would otherwise take the whole burst), and, over ipc,
+    wait at close until they have read what was sent (`wait_handed_over`).
     """
 
     EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED
