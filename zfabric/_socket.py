@@ -306,6 +306,8 @@ class SocketOwner:
     _tune: ClassVar[Mapping[int, Any]] = {}
     _watch_peers: ClassVar[bool] = False
     """Subclasses that wait for peers set this; `_peers` then counts them from the first handshake."""
+    _hand_over: ClassVar[bool] = False
+    """Senders whose close() waits, over ipc, until each peer has read what was sent (`wait_handed_over`)."""
     _sock: Any
     """A zmq.Socket or a zmq.asyncio.Socket, by face; the I/O methods of each face know which."""
 
@@ -323,6 +325,10 @@ class SocketOwner:
         self._closed = False
         self._endpoint_specs = list(endpoints)
         self._peers: PeerWatch | None = None
+        over_ipc = any(spec.address.startswith("ipc://") for spec in self._endpoint_specs)
+        self._hands_over = self._hand_over and over_ipc
+        # A CURVE server's one monitor may belong to the authenticator, which counts failed handshakes.
+        watch = self._watch_peers or (self._hands_over and self.options.curve is None)
         try:
             self._sock, self.endpoints = open_socket(
                 self._ctx,
@@ -331,7 +337,7 @@ class SocketOwner:
                 self.options,
                 tune={**self._tune, **(tune or {})},
                 routing_ids=routing_ids,
-                before_connect=self._attach_peer_watch if self._watch_peers else None,
+                before_connect=self._attach_peer_watch if watch else None,
             )
         except BaseException:
             if self._peers is not None:
@@ -390,6 +396,13 @@ class SocketOwner:
 
     def _close_sockets(self, linger_ms: int) -> None:
         if self._peers is not None:
+            if self._hands_over and linger_ms > 0:
+                # libzmq drops what the kernel still holds for a peer whose queue is full when this side hangs
+                # up, and a unix socket hangs up at once (libzmq#4660): first let the peers read it all.
+                started = time.monotonic()
+                self._peers.drain()
+                wait_handed_over(self._peers.fds, started + linger_ms / 1000)
+                linger_ms = max(0, linger_ms - int((time.monotonic() - started) * 1000))
             self._peers.close()
         self._sock.close(linger_ms)
 

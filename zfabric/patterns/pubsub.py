@@ -45,6 +45,7 @@ class _PublisherBase(SocketOwner):
     """The no-I/O half of a publisher: sequence numbers, frames, subscription bookkeeping."""
 
     _socket_type = zmq.XPUB
+    _hand_over = True
 
     def __init__(
         self,

@@ -18,14 +18,7 @@ import zmq
 from .. import codec
 from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
-from .._socket import (
-    SEND,
-    AnyContext,
-    PeerWatch,
-    SocketOwner,
-    send_frames,
-    wait_handed_over,
-)
+from .._socket import SEND, AnyContext, PeerWatch, SocketOwner, send_frames
 from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource
 from ..errors import ConfigError, ReadyTimeout, SendTimeout
@@ -52,6 +45,7 @@ class _ProducerBase(SocketOwner):
     _socket_type = zmq.PUSH
     _tune = {zmq.IMMEDIATE: 1}
     _watch_peers = True
+    _hand_over = True
     _peers: PeerWatch
 
     def __init__(
@@ -70,16 +64,6 @@ class _ProducerBase(SocketOwner):
         self.stats = ProducerCounters()
         self._ids = IdSource()
         self._stamp = codec.Stamp(self._ids, queue)
-
-    def _close_sockets(self, linger_ms: int) -> None:
-        """Over ipc, first wait (within the linger) until the consumers have read everything sent: libzmq drops what
-        the kernel still holds for a consumer whose queue is full when the producer hangs up (libzmq#4660)."""
-        if linger_ms > 0 and any(spec.address.startswith("ipc://") for spec in self._endpoint_specs):
-            started = time.monotonic()
-            self._peers.drain()
-            wait_handed_over(self._peers.fds, started + linger_ms / 1000)
-            linger_ms = max(0, linger_ms - int((time.monotonic() - started) * 1000))
-        super()._close_sockets(linger_ms)
 
     def _encode(self, body: Any, headers: Mapping[str, Any] | None, ttl: float | None) -> tuple[Envelope, list[Any]]:
         """A new message's envelope and frames, encoded in one pass (the per-message hot path)."""
