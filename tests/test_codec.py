@@ -210,9 +210,9 @@ def test_default_and_read_only_headers_encode() -> None:
 def test_batches_keep_the_order_and_send_large_bodies_alone() -> None:
     small = [(n, [b"s%d" % n]) for n in range(5)]
     large = (99, [b"header", b"large body"])
-    grouped = codec.group_batches([*small[:3], large, *small[3:]], per=2, max_bytes=1 << 20)
+    grouped = list(codec.group_batches([*small[:3], large, *small[3:]], per=2, max_bytes=1 << 20))
     assert [items for items, _ in grouped] == [[0, 1], [2], [99], [3, 4]]
     assert grouped[1][1] == [b"s2"] and grouped[2][1] == [b"header", b"large body"]  # alone: not a batch
     assert codec.is_batch(grouped[0][1]) and codec.is_batch(grouped[3][1])
-    by_bytes = codec.group_batches(small, per=100, max_bytes=4)
+    by_bytes = list(codec.group_batches(small, per=100, max_bytes=4))
     assert [items for items, _ in by_bytes] == [[0, 1], [2, 3], [4]]

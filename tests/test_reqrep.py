@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 import zmq
 
-from zfabric import ConfigError, Envelope, RemoteError, RequestTimeout, codec
+from zfabric import (
+    ConfigError,
+    EncodeError,
+    Envelope,
+    RemoteError,
+    RequestTimeout,
+    codec,
+)
 from zfabric.envelope import IdSource, Kind
 
 from .conftest import Processes
@@ -114,6 +121,29 @@ def test_many_in_flight_with_return_exceptions_keeps_each_outcome_in_place(face:
             assert isinstance(item, RemoteError) and item.type == "KeyError"
         else:
             assert item == n * 2
+
+
+def test_a_body_that_cannot_be_encoded_fails_alone_and_nothing_of_a_failed_call_is_sent_later(face: Face) -> None:
+    seen: list[Any] = []
+
+    def handler(env: Envelope) -> Any:
+        seen.append(env.body)
+        if env.body == "last":
+            time.sleep(1.0)  # long enough for any request left behind to come due several times
+        return env.body
+
+    replier = face.replier("tcp://127.0.0.1:0", handler)
+    requester = face.requester(replier.endpoint, timeout=0.2, retries=3)
+    out = requester.request_many([{"n": 1}, object(), {"n": 3}], return_exceptions=True)
+    assert out[0] == {"n": 1} and out[2] == {"n": 3}
+    assert isinstance(out[1], EncodeError) and "object" in str(out[1])
+    with pytest.raises(EncodeError):
+        requester.request_many([{"n": 4}, object()])  # raised once the others are settled, as other failures are
+    with pytest.raises(EncodeError):
+        requester.request(object())
+    assert requester.request("last", timeout=5.0, retries=0) == "last"
+    assert sorted(map(str, seen)) == sorted(map(str, [{"n": 1}, {"n": 3}, {"n": 4}, "last"])), "a request was sent twice or late"
+    assert requester.stats.retries == 0
 
 
 def test_a_replier_killed_mid_flight_is_retried_against_the_other(face: Face, processes: Processes) -> None:

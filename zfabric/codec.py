@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgpack
@@ -302,11 +302,10 @@ def join_batch(messages: Sequence[bytes]) -> list[bytes]:
     return [msgpack.packb([VERSION, BATCH_MARK, n]), b"".join((count, *messages))]
 
 
-def group_batches(encoded: Iterable[tuple[T, list[Any]]], per: int, max_bytes: int) -> list[tuple[list[T], list[Any]]]:
-    """(items, frames) of the ZeroMQ messages that carry `encoded` (item, frames) pairs, in order: up to
-    `per` one-frame messages and about `max_bytes` joined into a batch (one alone stays a plain
-    message), and a message of more frames (a large raw body) alone, uncopied."""
-    out: list[tuple[list[T], list[Any]]] = []
+def group_batches(encoded: Iterable[tuple[T, list[Any]]], per: int, max_bytes: int) -> Iterator[tuple[list[T], list[Any]]]:
+    """(items, frames) of the ZeroMQ messages that carry `encoded` (item, frames) pairs, in order, each as soon as
+    it is complete: up to `per` one-frame messages and about `max_bytes` joined into a batch (one alone stays a
+    plain message), and a message of more frames (a large raw body) alone, uncopied."""
     items: list[T] = []
     parts: list[bytes] = []
     size = 0
@@ -318,13 +317,12 @@ def group_batches(encoded: Iterable[tuple[T, list[Any]]], per: int, max_bytes: i
             if len(items) < per and size < max_bytes:
                 continue
         if items:
-            out.append((items, parts if len(parts) == 1 else join_batch(parts)))
+            yield items, parts if len(parts) == 1 else join_batch(parts)
             items, parts, size = [], [], 0
         if len(frames) > 1:
-            out.append(([item], frames))
+            yield [item], frames
     if items:
-        out.append((items, parts if len(parts) == 1 else join_batch(parts)))
-    return out
+        yield items, parts if len(parts) == 1 else join_batch(parts)
 
 
 def decode_batch(frames: Sequence[bytes]) -> list[Envelope]:

@@ -76,11 +76,12 @@ class _ProducerBase(SocketOwner):
     def _batches(self, bodies: Iterable[Any], headers: Mapping[str, Any] | None,
                  ttl: float | None) -> list[tuple[list[Envelope], list[Any]]]:
         """(envelopes, frames) per ZeroMQ message: up to BATCH_COUNT small messages or BATCH_BYTES together
-        (each encoded once, as a one-frame message is exactly a batch entry); a large body goes alone."""
+        (each encoded once, as a one-frame message is exactly a batch entry); a large body goes alone. All are
+        encoded before the first is sent: a body that cannot be encoded fails the call with nothing sent."""
         now = time.time()
         deadline = None if ttl is None else now + ttl
         encode = self._stamp.encode
-        return codec.group_batches((encode(body, now, deadline, headers) for body in bodies), BATCH_COUNT, BATCH_BYTES)
+        return list(codec.group_batches((encode(body, now, deadline, headers) for body in bodies), BATCH_COUNT, BATCH_BYTES))
 
     def _over_inproc(self, count: int) -> bool:
         """True when wait_for_consumers must poll the socket itself for POLLOUT: the monitor sees no inproc:// peers.

@@ -19,7 +19,7 @@ import math
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -391,17 +391,31 @@ class _RequesterBase:
         """True once close() ran."""
         return self._owner.closed
 
-    def _request(self, body: Any, headers: Mapping[str, Any] | None, timeout: float | Unset, retries: int | Unset,
-                 ) -> tuple[Envelope, float, int]:
+    def _limits(self, timeout: float | Unset, retries: int | Unset) -> tuple[float, int]:
+        """(timeout, retries) of a call: its own or this requester's; FabricError when out of range."""
         self._owner._check_open()
         t = self.timeout if timeout is UNSET else timeout
         r = self.retries if retries is UNSET else retries
         if t <= 0 or r < 0:
             raise FabricError(f"timeout must be > 0 and retries >= 0, got {t!r} and {r!r}")
-        now = time.time()
-        env = Envelope(self._ids.next(), Kind.REQUEST, self.service, body, None, None, 1, now, now + t * (r + 1),
-                       headers if headers is not None else {}, None)
-        return env, t, r
+        return t, r
+
+    def _encoded(self, bodies: Sequence[Any], headers: Mapping[str, Any] | None, t: float, r: int,
+                 failed: Callable[[int, EncodeError], None]) -> Iterator[tuple[int, Envelope, list[Any]]]:
+        """(index, envelope, frames) of each body's request, encoded one by one so that the first can go out
+        before the rest are built; a body that cannot be encoded goes to `failed` instead, and only it fails."""
+        headers = headers if headers is not None else {}
+        pack, ids = self._pack, self._ids
+        for i, body in enumerate(bodies):
+            now = time.time()
+            env = Envelope(ids.next(), Kind.REQUEST, self.service, body, None, None, 1, now, now + t * (r + 1),
+                           headers, None)
+            try:
+                frames = codec.encode(env, pack)
+            except EncodeError as exc:
+                failed(i, exc)
+                continue
+            yield i, env, frames
 
     def _decode_replies(self, frames: list[bytes]) -> list[tuple[bytes, Any]]:
         """(request id, outcome) of each reply to a pending request in one received message (a reply or a batch)."""
@@ -430,12 +444,11 @@ class _RequesterBase:
         messages = -(-messages // connected) * connected  # as many to each replier
         return -(-count // messages)
 
-    def _messages(self, envs: Sequence[Envelope], per: int) -> list[tuple[list[Any], int]]:
-        """(frames, request count) of the ZeroMQ messages that carry `envs`: batches of up to `per`
-        requests and about BATCH_BYTES, a large raw body in a message of its own (never copied)."""
-        pack = self._pack
-        grouped = codec.group_batches(((env, codec.encode(env, pack)) for env in envs), per, BATCH_BYTES)
-        return [(frames, len(group)) for group, frames in grouped]
+    @staticmethod
+    def _messages(encoded: Iterable[tuple[Envelope, list[Any]]], per: int) -> Iterator[tuple[list[Any], int]]:
+        """(frames, request count) of the ZeroMQ messages that carry the `encoded` requests, as soon as each is
+        complete: batches of up to `per` requests and about BATCH_BYTES, a large raw body alone (never copied)."""
+        return ((frames, len(group)) for group, frames in codec.group_batches(encoded, per, BATCH_BYTES))
 
     def _new_generation(self) -> Any:
         sock, _ = open_socket(self._owner._ctx, zmq.DEALER, self._specs, self.options, tune=_DealerOwner._tune)
@@ -503,56 +516,67 @@ class Requester(_RequesterBase):
         With `return_exceptions`, a failed request's exception takes its place in the list;
         otherwise the first failure (in request order) is raised once all are settled.
         """
-        now = time.monotonic()
+        bodies = list(bodies)
+        t, r = self._limits(timeout, retries)
+        per = self._batch_size(len(bodies), batch)
+        results: list[Any] = [None] * len(bodies)
         order: dict[bytes, int] = {}
-        envs: list[Envelope] = []
-        for body in bodies:
-            env, t, r = self._request(body, headers, timeout, retries)
-            self.flow.submit(env, t, r, now)
-            envs.append(env)
-            order[env.id] = len(order)
-        per = self._batch_size(len(envs), batch)
+        """Request id -> index, while the request waits for its outcome."""
+        now = time.monotonic()
         generation = self.flow.generation
-        outbox = [(generation, frames, n) for frames, n in self._messages(envs, per)]
-        results: list[Any] = [None] * len(order)
-        left = len(order)
-        while left:
-            outbox = self._flush(outbox)
-            due = self.flow.next_due()
-            wait = 100 if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
-            current = self._sockets[self.flow.generation]
-            zmq.zmq_poll([(s, _POLLIN | (_POLLOUT if outbox and s is current else 0)) for s in self._sockets.values()], wait)
-            for sock in self._sockets.values():
-                for frames in waiting(sock, left):  # not one receive more: a receive that finds nothing costs
-                    for rid, outcome in self._decode_replies(frames):  # ~10 us just after a wake-up
+
+        def failed(i: int, exc: EncodeError) -> None:
+            results[i] = exc
+
+        def submitted() -> Iterator[tuple[Envelope, list[Any]]]:
+            for i, env, frames in self._encoded(bodies, headers, t, r, failed):
+                self.flow.submit(env, t, r, now)
+                order[env.id] = i
+                yield env, frames
+
+        try:
+            # Each request goes out as soon as it is encoded (the replier starts on the first at once).
+            outbox = self._flush((generation, frames, n) for frames, n in self._messages(submitted(), per))
+            while order:
+                due = self.flow.next_due()
+                wait = 100 if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
+                current = self._sockets[self.flow.generation]
+                zmq.zmq_poll([(s, _POLLIN | (_POLLOUT if outbox and s is current else 0)) for s in self._sockets.values()], wait)
+                for sock in self._sockets.values():
+                    for frames in waiting(sock, len(order)):  # not one receive more: a receive that finds nothing
+                        for rid, outcome in self._decode_replies(frames):  # costs ~10 us just after a wake-up
+                            if rid in order:
+                                results[order.pop(rid)] = outcome
+                if due is not None and time.monotonic() >= due:  # some attempt timed out: fail or resend it
+                    failures, resend, fresh = self.flow.expire(time.monotonic())
+                    for rid, exc in failures:
                         if rid in order:
-                            results[order[rid]] = outcome
-                            left -= 1
-            if due is not None and time.monotonic() >= due:  # some attempt timed out: fail or resend it
-                failures, resend, fresh = self.flow.expire(time.monotonic())
-                for rid, exc in failures:
-                    if rid in order:
-                        results[order[rid]] = exc
-                        left -= 1
-                if fresh:
-                    self._new_generation()
-                outbox.extend((self.flow.generation, codec.encode(env, self._pack), 1) for env in resend)
-            if len(self._sockets) > 1:
-                self._close_idle()
+                            results[order.pop(rid)] = exc
+                    if fresh:
+                        self._new_generation()
+                    outbox.extend((self.flow.generation, codec.encode(env, self._pack), 1) for env in resend)
+                if len(self._sockets) > 1:
+                    self._close_idle()
+                outbox = self._flush(outbox)
+        finally:
+            for rid in order:  # interrupted (Ctrl-C, close): never resend these on a later call
+                self.flow.forget(rid)
         if not return_exceptions:
             for item in results:
                 if isinstance(item, FabricError):
                     raise item
         return results
 
-    def _flush(self, outbox: list[tuple[int, list[Any], int]]) -> list[tuple[int, list[Any], int]]:
+    def _flush(self, outbox: Iterable[tuple[int, list[Any], int]]) -> list[tuple[int, list[Any], int]]:
         """Send what the sockets take now; returns the rest."""
-        for i, (gen, frames, count) in enumerate(outbox):
+        pending = iter(outbox)
+        for item in pending:
+            gen, frames, count = item
             sock = self._sockets.get(gen) or self._sockets[self.flow.generation]
             try:
                 send_frames(sock, frames, zmq.NOBLOCK)
             except zmq.Again:
-                return outbox[i:]
+                return [item, *pending]
             self.stats.sent += count
         return []
 
@@ -573,50 +597,62 @@ class AsyncRequester(_RequesterBase):
     async def request(self, body: Any, *, headers: Mapping[str, Any] | None = None,
                       timeout: float | Unset = UNSET, retries: int | Unset = UNSET) -> Any:
         """The reply body; raises RequestTimeout after every attempt timed out, RemoteError if the handler raised."""
-        env, t, r = self._request(body, headers, timeout, retries)
-        (fut,) = self._launch([env], t, r, 1)
-        return await self._settle(env, fut)
+        (outcome,) = self._launch([body], headers, timeout, retries, 1)
+        return await outcome
 
     async def request_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
                            timeout: float | Unset = UNSET, retries: int | Unset = UNSET,
                            return_exceptions: bool = False, batch: int | None = None) -> list[Any]:
         """Reply bodies in request order, all in flight together (like asyncio.gather), sent in batches
         as `Requester.request_many` sends them."""
-        envs: list[Envelope] = []
-        for body in bodies:
-            env, t, r = self._request(body, headers, timeout, retries)
-            envs.append(env)
-        if not envs:
+        bodies = list(bodies)
+        if not bodies:
             return []
-        futures = self._launch(envs, t, r, self._batch_size(len(envs), batch))
-        return await asyncio.gather(*(self._settle(env, fut) for env, fut in zip(envs, futures)),
+        return await asyncio.gather(*self._launch(bodies, headers, timeout, retries, batch),
                                     return_exceptions=return_exceptions)
 
-    def _launch(self, envs: list[Envelope], timeout: float, retries: int, per: int) -> list[asyncio.Future[Any]]:
-        """Put `envs` in flight (`per` to a ZeroMQ message); each future gets its reply or failure."""
+    def _launch(self, bodies: Sequence[Any], headers: Mapping[str, Any] | None, timeout: float | Unset,
+                retries: int | Unset, batch: int | None) -> list[Coroutine[Any, Any, Any]]:
+        """Put a request per body in flight, each sent as soon as it is encoded; returns what to await for each
+        body's outcome (its reply, or its failure: a body that cannot be encoded fails alone)."""
+        t, r = self._limits(timeout, retries)
+        per = self._batch_size(len(bodies), batch)
         loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in bodies]
+        ids: list[bytes | None] = [None] * len(bodies)
         now = time.monotonic()
-        futures = []
-        for env in envs:
-            self.flow.submit(env, timeout, retries, now)
-            fut: asyncio.Future[Any] = loop.create_future()
-            self._futures[env.id] = fut
-            futures.append(fut)
         generation = self.flow.generation
         if generation not in self._readers:
             self._start_reader(generation)
-        for frames, count in self._messages(envs, per):
-            self._send_frames(generation, frames, count)
+
+        def failed(i: int, exc: EncodeError) -> None:
+            futures[i].set_exception(exc)
+
+        def submitted() -> Iterator[tuple[Envelope, list[Any]]]:
+            for i, env, frames in self._encoded(bodies, headers, t, r, failed):
+                self.flow.submit(env, t, r, now)
+                self._futures[env.id] = futures[i]
+                ids[i] = env.id
+                yield env, frames
+
+        try:
+            for frames, count in self._messages(submitted(), per):
+                self._send_frames(generation, frames, count)
+        except BaseException:
+            for rid in ids:  # nobody will wait for these: never resend them
+                if rid is not None and self._futures.pop(rid, None) is not None:
+                    self.flow.forget(rid)
+            raise
         self._rearm(generation)
         self._arm_timer()
-        return futures
+        return [self._settle(rid, fut) for rid, fut in zip(ids, futures)]
 
-    async def _settle(self, env: Envelope, fut: asyncio.Future[Any]) -> Any:
+    async def _settle(self, rid: bytes | None, fut: asyncio.Future[Any]) -> Any:
         try:
             return await fut
         finally:
-            if self._futures.pop(env.id, None) is not None:
-                self.flow.forget(env.id)
+            if rid is not None and self._futures.pop(rid, None) is not None:
+                self.flow.forget(rid)
 
     def _start_reader(self, generation: int) -> None:
         self._readers[generation] = asyncio.ensure_future(self._read(generation, self._sockets[generation]))
