@@ -146,6 +146,35 @@ def test_a_body_that_cannot_be_encoded_fails_alone_and_nothing_of_a_failed_call_
     assert requester.stats.retries == 0
 
 
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_request_many_leaves_nothing_behind_for_a_later_call_to_resend(ctx: zmq.Context) -> None:
+    from zfabric import Requester
+
+    router, endpoint = silent_router(ctx)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted  # as Ctrl-C would, in the middle of the wait
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with Requester(endpoint, timeout=0.2, retries=5) as requester:
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            with pytest.raises(Interrupted):
+                requester.request_many(range(5), batch=1)
+            with pytest.raises(RequestTimeout):
+                requester.request("later", timeout=1.5, retries=0)  # the five would come due several times meanwhile
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    bodies = []
+    while router.poll(200):
+        bodies.append(codec.decode(router.recv_multipart()[1:]).body)
+    assert sorted(map(str, bodies)) == sorted(map(str, [0, 1, 2, 3, 4, "later"])), "an abandoned request was resent"
+
+
 def test_a_replier_killed_mid_flight_is_retried_against_the_other(face: Face, processes: Processes) -> None:
     echoes = [processes.zfabric("echo", "-e", "tcp://127.0.0.1:0", "--delay", "0.05") for _ in range(2)]
     endpoints = [processes.wait_line(p, r"endpoint=(\S+)").group(1) for p in echoes]
