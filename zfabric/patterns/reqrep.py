@@ -29,7 +29,7 @@ import zmq
 from .. import codec
 from .._counters import Counters
 from .._logs import Throttled
-from .._receive import decode_counted
+from .._receive import count_bad, decode_counted
 from .._socket import (
     AnyContext,
     SocketOwner,
@@ -45,7 +45,7 @@ from .._socket import (
 )
 from ..endpoint import Endpoint, EndpointArg, parse_many
 from ..envelope import Envelope, IdSource, Kind
-from ..errors import ClosedError, ConfigError, EncodeError, FabricError
+from ..errors import ClosedError, ConfigError, DecodeError, EncodeError, FabricError
 from ..options import (
     DEFAULT_REQUEST_RETRIES,
     DEFAULT_REQUEST_TIMEOUT,
@@ -130,20 +130,29 @@ class _ReplierBase(SocketOwner):
     def _parse(self, frames: list[bytes], who: str | None = None) -> tuple[list[bytes], list[Envelope]] | None:
         """(routing prefix, requests) for a valid request, or batch of them, that a permitted key sent;
         None (counted) when nothing in it is one."""
-        if len(frames) >= 3 and frames[1] == b"":  # from a REQ socket: [id, "", message...]
-            route, payload = frames[:2], frames[2:]
-        else:
+        if len(frames) == 2:  # [id, message] from a DEALER, the commonest: one request, decoded directly
             route, payload = frames[:1], frames[1:]
-        envs = decode_counted(payload, self.stats, self._who, codec.decode_many)
-        if envs is None:
-            return None
-        self.stats.received += len(envs) - 1
+            try:
+                envs = [codec.decode_message(frames[1], payload)]
+            except DecodeError as exc:
+                count_bad(exc, self.stats, self._who)
+                return None
+            self.stats.received += 1
+        else:
+            if len(frames) >= 3 and frames[1] == b"":  # from a REQ socket: [id, "", message...]
+                route, payload = frames[:2], frames[2:]
+            else:
+                route, payload = frames[:1], frames[1:]
+            envs = decode_counted(payload, self.stats, self._who, codec.decode_many)
+            if envs is None:
+                return None
+            self.stats.received += len(envs) - 1
         if self.permissions is not None and not self.permissions.may_use_service(who, self.name):
             self.stats.denied += len(envs)
             self._bad_log.warning(f"denied|{who}", "replier %s: key %s may not use service %r; request dropped",
                                   self.endpoint, who, self.name)
             return None
-        requests = [env for env in envs if env.kind is Kind.REQUEST]
+        requests = envs if len(envs) == 1 and envs[0].kind is Kind.REQUEST else [e for e in envs if e.kind is Kind.REQUEST]
         if len(requests) < len(envs):
             self.stats.invalid += len(envs) - len(requests)
             kind = next(env.kind for env in envs if env.kind is not Kind.REQUEST)
