@@ -308,6 +308,9 @@ class SocketOwner:
     """Subclasses that wait for peers set this; `_peers` then counts them from the first handshake."""
     _hand_over: ClassVar[bool] = False
     """Senders whose close() waits, over ipc, until each peer has read what was sent (`wait_handed_over`)."""
+    _sends_data: ClassVar[bool] = True
+    """False where all this socket sends is control traffic (a SUB's subscriptions): close() then does not linger,
+    since flushing it to a peer that is gone would only delay the close and warn of nothing lost."""
     _sock: Any
     """A zmq.Socket or a zmq.asyncio.Socket, by face; the I/O methods of each face know which."""
 
@@ -395,19 +398,10 @@ class SocketOwner:
         self._peers = PeerWatch(sock)
 
     def _close_sockets(self, linger_ms: int) -> None:
-        if self._peers is not None:
-            if self._hands_over and linger_ms > 0:
-                # libzmq drops what the kernel still holds for a peer whose queue is full when this side hangs
-                # up, and a unix socket hangs up at once (libzmq#4660): first let the peers read it all.
-                started = time.monotonic()
-                self._peers.drain()
-                wait_handed_over(self._peers.fds, started + linger_ms / 1000)
-                linger_ms = max(0, linger_ms - int((time.monotonic() - started) * 1000))
-            self._peers.close()
-        self._sock.close(linger_ms)
+        close_handing_over(self._sock, self._peers, linger_ms, hand_over=self._hands_over)
 
     def close(self, linger_ms: int | None = None) -> None:
-        """Close the socket, waiting at most `linger_ms` (default: the options') to flush.
+        """Close the socket, waiting at most `linger_ms` (default: the options', or 0 for a subscriber) to flush.
 
         Messages still queued when that time is up are dropped by ZeroMQ, silently; when this object owns its
         context, a close that took the whole linger logs a warning saying so.
@@ -415,7 +409,10 @@ class SocketOwner:
         if self._closed:
             return
         self._closed = True
-        linger = self.options.linger_ms if linger_ms is None else linger_ms
+        if linger_ms is None:
+            linger = self.options.linger_ms if self._sends_data else 0
+        else:
+            linger = linger_ms
         started = time.monotonic()
         self._close_sockets(linger)
         if self._owns_ctx:
@@ -454,6 +451,20 @@ def unsent_bytes(fd: int) -> int:
     except (ImportError, OSError):  # not a POSIX system, or the connection is gone
         return 0
     return buf[0]
+
+
+def close_handing_over(sock: Any, peers: PeerWatch | None, linger_ms: int, *, hand_over: bool = True) -> None:
+    """Close `sock`, flushing for at most `linger_ms`. With `hand_over` and a watch on its `peers` (over ipc), first
+    wait until each peer has read what the kernel holds for it: libzmq drops that for a peer whose queue is full
+    when this side hangs up, and a unix socket hangs up at once (libzmq#4660)."""
+    if peers is not None:
+        if hand_over and linger_ms > 0:
+            started = time.monotonic()
+            peers.drain()
+            wait_handed_over(peers.fds, started + linger_ms / 1000)
+            linger_ms = max(0, linger_ms - int((time.monotonic() - started) * 1000))
+        peers.close()
+    sock.close(linger_ms)
 
 
 def wait_handed_over(fds: Iterable[int], deadline: float) -> None:

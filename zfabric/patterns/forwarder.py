@@ -8,8 +8,9 @@ Beyond moving messages it does three things raw `zmq.proxy` cannot:
 
 One core, thin launchers: `run()` blocks in the calling thread, `start()` runs it in a
 thread, and `zfabric forwarder` runs it as a process. Sockets are created and used only
-in the thread that runs the loop; `stop()` (from any thread or a signal handler) ends it
-within about 100 ms.
+in the thread that runs the loop; `stop()` (from any thread or a signal handler) makes it
+stop taking messages within about 100 ms, and subscribers get `linger_ms` to take what it
+has already forwarded.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .._logs import Throttled
 from .._process import ChildProcess
 from .._socket import (
     AnyContext,
+    PeerWatch,
+    close_handing_over,
     context_for,
     open_socket,
     recv_frames,
@@ -109,11 +112,17 @@ class Forwarder:
         """Bind, then forward until stop(); `on_ready` runs once bound, `on_tick` every `tick` s."""
         ctx, owns = context_for(self._given_context, asyncio=False)
         xsub = xpub = None
+        peers: list[PeerWatch] = []
         try:
             xsub, (self.xsub_endpoint,) = open_socket(ctx, zmq.XSUB, [self._xsub_spec], self.options)
             # With permissions, XPUB_MANUAL: a subscription takes effect only when the loop applies it.
             tune: dict[int, int] = {zmq.XPUB_MANUAL: 1} if self.permissions is not None else {zmq.XPUB_VERBOSER: 1}
-            xpub, (self.xpub_endpoint,) = open_socket(ctx, zmq.XPUB, [self._xpub_spec], self.options, tune=tune)
+            # Over ipc, stopping waits until each subscriber has read what the kernel holds for it (see
+            # close_handing_over), which needs the connections from a monitor; a CURVE server's one monitor
+            # may be the authenticator's.
+            watch = self._xpub_spec.transport == "ipc" and self.options.curve is None
+            xpub, (self.xpub_endpoint,) = open_socket(ctx, zmq.XPUB, [self._xpub_spec], self.options, tune=tune,
+                                                      before_connect=(lambda s: peers.append(PeerWatch(s))) if watch else None)
             self._ready.set()
             if on_ready is not None:
                 on_ready(self)
@@ -123,9 +132,12 @@ class Forwarder:
             raise
         finally:
             self._ready.set()
-            for sock in (xsub, xpub):
-                if sock is not None:
-                    sock.close(0)
+            if xsub is not None:
+                xsub.close(0)  # take nothing more
+            if xpub is not None:  # after a stop, subscribers get `linger_ms` to take what was forwarded
+                close_handing_over(xpub, peers[0] if peers else None, 0 if self._error else self.options.linger_ms)
+            elif peers:
+                peers[0].close()
             if owns:
                 ctx.term()
 
@@ -256,11 +268,12 @@ class Forwarder:
         except BaseException:  # kept in self._error for start() to re-raise
             pass
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Ask the loop to end; joins the thread when start() made one."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask the loop to end; joins the thread when start() made one, for at most `timeout` s (default: the
+        linger, which subscribers get to take what was forwarded, and 2 s more)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+            self._thread.join(self.options.linger_ms / 1000 + 2.0 if timeout is None else timeout)
 
     def __enter__(self) -> Forwarder:
         return self.start()

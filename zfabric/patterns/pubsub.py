@@ -203,6 +203,7 @@ class _SubscriberBase(Inbox):
     """The no-I/O half of a subscriber: subscriptions, probes, gap counting."""
 
     _socket_type = zmq.SUB
+    _sends_data = False
     _decode = staticmethod(codec.decode_published)
     stats: SubscriberCounters
     _pending: deque[Envelope]
