@@ -266,8 +266,12 @@ def test_request_many_batches_requests_per_replier_and_takes_batched_or_single_r
     caller.start()
     try:
         got: list[tuple[zmq.Socket, bytes, list[Envelope]]] = []
+        poller = zmq.Poller()
+        for sock, _ in routers:
+            poller.register(sock, zmq.POLLIN)
         while sum(len(envs) for *_, envs in got) < 250:
-            ready = [s for s, _ in routers if s.poll(5000, zmq.POLLIN)]
+            # Both at once: a replier that got fewer batches (its connection came up later) must not hold up the other.
+            ready = [sock for sock, _ in poller.poll(5000)]
             assert ready, "requests missing"
             for sock in ready:
                 route, *frames = sock.recv_multipart()
