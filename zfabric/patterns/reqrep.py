@@ -409,22 +409,31 @@ class _RequesterBase:
             raise FabricError(f"timeout must be > 0 and retries >= 0, got {t!r} and {r!r}")
         return t, r
 
-    def _encoded(self, bodies: Sequence[Any], headers: Mapping[str, Any] | None, t: float, r: int,
-                 failed: Callable[[int, EncodeError], None]) -> Iterator[tuple[int, Envelope, list[Any]]]:
-        """(index, envelope, frames) of each body's request, encoded one by one so that the first can go out
-        before the rest are built; a body that cannot be encoded goes to `failed` instead, and only it fails."""
+    def _outgoing(self, bodies: Sequence[Any], headers: Mapping[str, Any] | None, t: float, r: int, per: int, *,
+                  track: Callable[[bytes, int], None], failed: Callable[[int, EncodeError], None],
+                  ) -> Iterator[tuple[list[Any], int]]:
+        """(frames, request count) of the messages that carry a request per body, `per` to a message, each
+        yielded as soon as it is complete so that the first goes out before the rest are built. Each request
+        is put in flight (`track(id, index)`) as it is encoded; a body that cannot be encoded goes to
+        `failed(index, error)` instead, and only it fails."""
         headers = headers if headers is not None else {}
-        pack, ids = self._pack, self._ids
-        for i, body in enumerate(bodies):
-            now = time.time()
-            env = Envelope(ids.next(), Kind.REQUEST, self.service, body, None, None, 1, now, now + t * (r + 1),
-                           headers, None)
-            try:
-                frames = codec.encode(env, pack)
-            except EncodeError as exc:
-                failed(i, exc)
-                continue
-            yield i, env, frames
+        pack, ids, submit, now = self._pack, self._ids, self.flow.submit, time.monotonic()
+
+        def encoded() -> Iterator[tuple[Envelope, list[Any]]]:
+            for i, body in enumerate(bodies):
+                sent_at = time.time()
+                env = Envelope(ids.next(), Kind.REQUEST, self.service, body, None, None, 1, sent_at,
+                               sent_at + t * (r + 1), headers, None)
+                try:
+                    frames = codec.encode(env, pack)
+                except EncodeError as exc:
+                    failed(i, exc)
+                    continue
+                submit(env, t, r, now)
+                track(env.id, i)
+                yield env, frames
+
+        return ((frames, len(group)) for group, frames in codec.group_batches(encoded(), per, BATCH_BYTES))
 
     def _decode_replies(self, frames: list[bytes]) -> list[tuple[bytes, Any]]:
         """(request id, outcome) of each reply to a pending request in one received message (a reply or a batch)."""
@@ -452,12 +461,6 @@ class _RequesterBase:
         messages = -(-count // BATCH_MAX)
         messages = -(-messages // connected) * connected  # as many to each replier
         return -(-count // messages)
-
-    @staticmethod
-    def _messages(encoded: Iterable[tuple[Envelope, list[Any]]], per: int) -> Iterator[tuple[list[Any], int]]:
-        """(frames, request count) of the ZeroMQ messages that carry the `encoded` requests, as soon as each is
-        complete: batches of up to `per` requests and about BATCH_BYTES, a large raw body alone (never copied)."""
-        return ((frames, len(group)) for group, frames in codec.group_batches(encoded, per, BATCH_BYTES))
 
     def _new_generation(self) -> Any:
         sock, _ = open_socket(self._owner._ctx, zmq.DEALER, self._specs, self.options, tune=_DealerOwner._tune)
@@ -531,21 +534,10 @@ class Requester(_RequesterBase):
         results: list[Any] = [None] * len(bodies)
         order: dict[bytes, int] = {}
         """Request id -> index, while the request waits for its outcome."""
-        now = time.monotonic()
         generation = self.flow.generation
-
-        def failed(i: int, exc: EncodeError) -> None:
-            results[i] = exc
-
-        def submitted() -> Iterator[tuple[Envelope, list[Any]]]:
-            for i, env, frames in self._encoded(bodies, headers, t, r, failed):
-                self.flow.submit(env, t, r, now)
-                order[env.id] = i
-                yield env, frames
-
         try:
-            # Each request goes out as soon as it is encoded (the replier starts on the first at once).
-            outbox = self._flush((generation, frames, n) for frames, n in self._messages(submitted(), per))
+            outbox = self._flush((generation, frames, n) for frames, n in self._outgoing(
+                bodies, headers, t, r, per, track=order.__setitem__, failed=results.__setitem__))
             while order:
                 due = self.flow.next_due()
                 wait = 100 if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
@@ -629,23 +621,17 @@ class AsyncRequester(_RequesterBase):
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in bodies]
         ids: list[bytes | None] = [None] * len(bodies)
-        now = time.monotonic()
         generation = self.flow.generation
         if generation not in self._readers:
             self._start_reader(generation)
 
-        def failed(i: int, exc: EncodeError) -> None:
-            futures[i].set_exception(exc)
-
-        def submitted() -> Iterator[tuple[Envelope, list[Any]]]:
-            for i, env, frames in self._encoded(bodies, headers, t, r, failed):
-                self.flow.submit(env, t, r, now)
-                self._futures[env.id] = futures[i]
-                ids[i] = env.id
-                yield env, frames
+        def track(rid: bytes, i: int) -> None:
+            self._futures[rid] = futures[i]
+            ids[i] = rid
 
         try:
-            for frames, count in self._messages(submitted(), per):
+            for frames, count in self._outgoing(bodies, headers, t, r, per, track=track,
+                                                failed=lambda i, exc: futures[i].set_exception(exc)):
                 self._send_frames(generation, frames, count)
         except BaseException:
             for rid in ids:  # nobody will wait for these: never resend them
