@@ -384,3 +384,19 @@ def test_up_host_selects_the_components_on_that_host() -> None:
     result = runner.invoke(app, ["up", str(path), "--host", "egde"])
     assert result.exit_code == 1
     assert "--host 'egde' is not declared in" in result.output
+
+
+def test_up_gives_each_component_its_linger_before_it_kills_it(tmp_path: Path) -> None:
+    """A stopped forwarder or sidecar hands over what it accepted within its linger: `up` must not SIGKILL it sooner."""
+    from zfabric.topology.supervisor import Supervisor
+
+    path = tmp_path / "lingering.yaml"
+    path.write_text(
+        "version: 1\nname: lingering\ndefaults: {linger_ms: 4000}\n"
+        "forwarders:\n  slow: {xsub: 127.0.0.1:0, xpub: 127.0.0.1:0, options: {linger_ms: 9000}}\n"
+        "  quick: {xsub: 127.0.0.1:0, xpub: 127.0.0.1:0, options: {linger_ms: 500}}\n"
+        f"sidecars:\n  jobs: {{address: 127.0.0.1:0, store: {tmp_path / 'jobs.db'}}}\n"
+        "queues:\n  work: {sidecar: jobs}\n"
+    )
+    timeouts = {c.status.name: c.stop_timeout for c in Supervisor(path).components}
+    assert timeouts == {"slow": 11.0, "quick": 5.0, "jobs": 6.0}

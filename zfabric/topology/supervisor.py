@@ -68,10 +68,13 @@ class Component(ChildProcess):
     READY = re.compile(r"^zfabric (?:forwarder|sidecar) ready ")
 
     def __init__(self, kind: str, name: str, topology_file: str, address: str, *, stats_interval: float = 1.0,
-                 ready_timeout: float = 15.0) -> None:
+                 ready_timeout: float = 15.0, linger_ms: int = 1000) -> None:
         super().__init__([kind, "--topology", topology_file, "--name", name, "--no-live",
                           "--stats-interval", f"{stats_interval:g}"], ready_timeout=ready_timeout, detached=True)
         self.what = f"{kind} {name}"  # type: ignore[misc]  # per instance: names the component in messages
+        self.stop_timeout = max(5.0, linger_ms / 1000 + 2.0)
+        """How long a stop waits after SIGTERM before SIGKILL: the component's linger (its peers' time to take
+        what it already accepted) and 2 s more, at least 5 s."""
         self.status = ComponentStatus(name=name, kind=kind, address=address)
         self.failures = 0
         """Exits in a row without a stable run between them; sets the restart backoff."""
@@ -110,10 +113,12 @@ class Supervisor:
         for name, fwd in self.topology.forwarders.items():
             if host is None or self.topology.host_of(fwd.xsub) == host:
                 self.components.append(Component("forwarder", name, self.path, f"xsub={fwd.xsub} xpub={fwd.xpub}",
-                                                 stats_interval=stats_interval))
+                                                 stats_interval=stats_interval,
+                                                 linger_ms=self.topology.options_for(fwd).linger_ms))
         for name, sc in self.topology.sidecars.items():
             if host is None or self.topology.host_of(sc.endpoint) == host:
-                self.components.append(Component("sidecar", name, self.path, sc.endpoint, stats_interval=stats_interval))
+                self.components.append(Component("sidecar", name, self.path, sc.endpoint, stats_interval=stats_interval,
+                                                 linger_ms=self.topology.options.linger_ms))
         self._stop = threading.Event()
         self.started_at = time.time()
 
@@ -156,7 +161,7 @@ class Supervisor:
         finally:
             for comp in reversed(self.components):
                 if comp.proc is not None and comp.proc.poll() is None:
-                    comp.stop(timeout=5.0)
+                    comp.stop(timeout=comp.stop_timeout)
                 comp.status.state = "stopped"
                 comp.status.pid = None
             if control is not None:
