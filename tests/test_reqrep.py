@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import signal
 import threading
@@ -151,6 +152,7 @@ class Interrupted(Exception):
 
 
 def test_an_interrupted_request_many_leaves_nothing_behind_for_a_later_call_to_resend(ctx: zmq.Context) -> None:
+    """Sync face: the call ends by an exception mid-wait (a signal here); the asyncio face's is a cancelled task."""
     from zfabric import Requester
 
     router, endpoint = silent_router(ctx)
@@ -173,6 +175,28 @@ def test_an_interrupted_request_many_leaves_nothing_behind_for_a_later_call_to_r
     while router.poll(200):
         bodies.append(codec.decode(router.recv_multipart()[1:]).body)
     assert sorted(map(str, bodies)) == sorted(map(str, [0, 1, 2, 3, 4, "later"])), "an abandoned request was resent"
+
+
+def test_a_cancelled_asyncio_request_many_leaves_nothing_behind_for_a_later_call_to_resend(ctx: zmq.Context) -> None:
+    from zfabric import AsyncRequester
+
+    router, endpoint = silent_router(ctx)
+
+    async def run() -> None:
+        async with AsyncRequester(endpoint, timeout=0.2, retries=5) as requester:
+            task = asyncio.ensure_future(requester.request_many(range(5), batch=1))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            with pytest.raises(RequestTimeout):
+                await requester.request("later", timeout=1.5, retries=0)  # the five would come due several times
+
+    asyncio.run(run())
+    bodies = []
+    while router.poll(200):
+        bodies.append(codec.decode(router.recv_multipart()[1:]).body)
+    assert sorted(map(str, bodies)) == sorted(map(str, [0, 1, 2, 3, 4, "later"])), "a cancelled request was resent"
 
 
 def test_a_replier_killed_mid_flight_is_retried_against_the_other(face: Face, processes: Processes) -> None:
