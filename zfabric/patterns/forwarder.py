@@ -126,7 +126,7 @@ class Forwarder:
             self._ready.set()
             if on_ready is not None:
                 on_ready(self)
-            self._loop(xsub, xpub, on_tick, tick)
+            self._loop(xsub, xpub, on_tick, tick, peers[0] if peers else None)
         except BaseException as exc:
             self._error = exc
             raise
@@ -141,10 +141,13 @@ class Forwarder:
             if owns:
                 ctx.term()
 
-    def _loop(self, xsub: zmq.Socket, xpub: zmq.Socket, on_tick: Callable[[Forwarder], None] | None, tick: float) -> None:
+    def _loop(self, xsub: zmq.Socket, xpub: zmq.Socket, on_tick: Callable[[Forwarder], None] | None, tick: float,
+              peers: PeerWatch | None = None) -> None:
         poller = zmq.Poller()
         poller.register(xsub, zmq.POLLIN)
         poller.register(xpub, zmq.POLLIN)
+        if peers is not None:  # its events are applied as they come, or a long run with churning subscribers piles them up
+            poller.register(peers.socket, zmq.POLLIN)
         stats = self.stats
         next_tick = time.monotonic() + tick
         while not self._stop.is_set():
@@ -174,6 +177,8 @@ class Forwarder:
                     except zmq.Again:
                         break
                     self._on_subscription(frames[0], xsub, xpub, who)
+            if peers is not None and peers.socket in ready:
+                peers.drain()
             if on_tick is not None and time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + tick
                 on_tick(self)
