@@ -26,8 +26,8 @@ def run(messages: int, pass_size: int, synchronous: str, inserts_only: bool) -> 
     clock = time.perf_counter
     with tempfile.TemporaryDirectory(prefix="zf-store-bench-") as tmp:
         store = Store(os.path.join(tmp, "bench.db"), synchronous=synchronous)
-        delivered: list[int] = []
-        acked: list[int] = []
+        delivered: list[Entry] = []
+        acked: list[Entry] = []
         counter = 0
         for _ in range(messages // pass_size):
             ids = [origin + (counter + i).to_bytes(8, "big") for i in range(pass_size)]
@@ -40,17 +40,19 @@ def run(messages: int, pass_size: int, synchronous: str, inserts_only: bool) -> 
             store.insert(entries, time.time())
             t2 = clock()
             if delivered and not inserts_only:
-                store.mark_delivered((1, "worker/0001", seq) for seq in delivered)
+                for e in delivered:
+                    e.attempts, e.worker = 1, "worker/0001"
+                store.mark_delivered(delivered)
             t3 = clock()
             if acked and not inserts_only:
                 now = time.time()  # one clock reading per pass, as the sidecar's
-                store.mark_done((now, seq) for seq in acked)
+                store.mark_done(acked, now)
             t4 = clock()
             store.commit()
             t5 = clock()
             for key, took in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 spent[key] += took
-            acked, delivered = delivered, [e.seq for e in entries]
+            acked, delivered = delivered, entries
         store.close()
     done = messages // pass_size * pass_size
     return {key: took / done * 1e6 for key, took in spent.items()}

@@ -19,7 +19,7 @@ import pytest
 from zfabric.errors import Unconfirmed
 from zfabric.patterns.reliable import ReliableProducer
 from zfabric.sidecar.client import SidecarClient
-from zfabric.sidecar.store import DeadLetterFilter
+from zfabric.sidecar.store import DeadLetterFilter, Store
 
 from .conftest import Processes, Sidecars, wait_until
 from .reliable_actors import read_logs
@@ -125,10 +125,15 @@ def test_sidecar_killed_five_times_loses_no_confirmed_message(tmp_path: Path, si
     sc.stop()
     with sqlite3.connect(store) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        stored = dict(db.execute("SELECT lower(hex(id)), attempts FROM messages").fetchall())
         interrupted = db.execute("SELECT count(*) FROM history WHERE outcome = 'interrupted'").fetchone()[0]
     assert interrupted >= 1, "deliveries cut off by a crash are recorded in the history"
-    behind = [i for i, a in attempts.items() if stored.get(i, 0) < max(a)]
+    on_file = Store(store)
+    try:
+        records = {i: on_file.record(bytes.fromhex(i)) for i in attempts}
+    finally:
+        on_file.close()
+    assert all(r is not None for r in records.values()), "the store knows every message"
+    behind = [i for i, a in attempts.items() if records[i].attempts < max(a)]  # type: ignore[union-attr]
     assert not behind, "the store's attempt count went backwards"
 
 

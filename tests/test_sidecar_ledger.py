@@ -106,10 +106,12 @@ def store_with_dead(path: Path, n: int) -> tuple[Store, list[Envelope]]:
         header, body = codec.encode_split(env)
         [seq] = store.reserve([env.id])
         assert seq is not None
-        store.insert([Entry(seq, env.id, env.topic, header, body)], 1000.0 + i)
-        store.mark_delivered([(1, "w/1", seq)])
+        entry = Entry(seq, env.id, env.topic, header, body)
+        store.insert([entry], 1000.0 + i)
+        entry.attempts, entry.worker = 1, "w/1"
+        store.mark_delivered([entry])
         store.add_history([(env.id, 1, 1000.0 + i, "w/1", "nack", "KeyError" if i < 4 else "ValueError", "boom", "tb")])
-        store.mark_dead(seq, "max-attempts", "KeyError" if i < 4 else "ValueError", 2000.0 + i)
+        store.mark_dead(entry, "max-attempts", "KeyError" if i < 4 else "ValueError", 2000.0 + i)
         envs.append(env)
     store.commit()
     return store, envs

@@ -96,8 +96,8 @@ class Sidecar:
         self._counted_at = 0.0
         self._fresh: list[Entry] = []
         """Messages received in the current pass, written at its end in their final state."""
-        self._done: list[tuple[float, int]] = []
-        """(finished_at, seq) of the messages acknowledged in the current pass, written together at its end."""
+        self._done: list[Entry] = []
+        """The messages acknowledged in the current pass, written together at its end."""
 
     @classmethod
     def from_config(cls, config: SidecarConfig, **kwargs: Any) -> Sidecar:
@@ -260,9 +260,9 @@ class Sidecar:
                 expired += late
                 delivered += [e for _, e in more]
             if delivered:
-                store.mark_delivered((e.attempts, e.worker, e.seq) for e in delivered)
+                store.mark_delivered(delivered)
             if self._done:
-                store.mark_done(self._done)
+                store.mark_done(self._done, now)
                 self._done.clear()
             for entry in expired:
                 self._dead(store, entry, "expired", None, now)
@@ -334,7 +334,7 @@ class Sidecar:
                 if settled is None:
                     continue
                 entry = settled[1]
-                done.append((now, entry.seq))
+                done.append(entry)
                 led.stats.acked += 1
                 if entry.attempts > 1 or entry.budget_base:
                     store.add_history([(entry.id, entry.attempts, now, self._who(lease), "ack", None, None, None)])
@@ -452,7 +452,7 @@ class Sidecar:
         if outcome.dead:
             self._dead(store, entry, outcome.reason, error_type, now)
         else:
-            store.mark_delayed(entry.seq, outcome.due)
+            store.mark_delayed(entry, outcome.due)
             self.ledger.delay(entry, outcome.due)
 
     def _lease_lost(self, store: Store, lease: Lease, now: float) -> None:
@@ -470,7 +470,7 @@ class Sidecar:
         lease.inflight.clear()
 
     def _dead(self, store: Store, entry: Entry, reason: str, error_type: str | None, now: float) -> None:
-        store.mark_dead(entry.seq, reason, error_type, now)
+        store.mark_dead(entry, reason, error_type, now)
         self.ledger.stats.dead_lettered += 1
         if reason == "expired":
             self.ledger.stats.expired += 1

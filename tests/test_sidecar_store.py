@@ -1,0 +1,243 @@
+"""The sidecar's store: runs of messages kept as batch rows, and everything that must still hold for them.
+
+A producer's `send_many` sends ids with consecutive counters; the store keeps such a run as
+one row of `batches` with a state byte per message, and gives a message a row of its own
+when it needs more (a second attempt, a delay, the dead-letter queue). These tests drive the
+store directly, the way the sidecar's passes do, and reopen the file to see what survives.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from zfabric import codec
+from zfabric.envelope import Envelope, IdSource
+from zfabric.errors import ConfigError, StoreError
+from zfabric.sidecar.store import MAX_RUN, Entry, Store
+
+
+def fresh(store: Store, ids: IdSource, n: int, queue: str = "q") -> list[Entry]:
+    """Reserve and insert `n` new messages with consecutive ids, as one PUT of a producer's send_many does."""
+    entries = reserved(store, [Envelope.new({"n": i}, topic=queue).replace(id=ids.next()) for i in range(n)])
+    store.insert(entries, 1000.0)
+    return entries
+
+
+def reserved(store: Store, envs: list[Envelope]) -> list[Entry]:
+    seqs = store.reserve([e.id for e in envs])
+    assert None not in seqs
+    entries = []
+    for env, seq in zip(envs, seqs):
+        header, body = codec.encode_split(env)
+        entries.append(Entry(seq, env.id, env.topic, header, body))  # type: ignore[arg-type]
+    return entries
+
+
+def table_rows(path: Path, table: str) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+def deliver(store: Store, entries: list[Entry], worker: str = "w/1") -> None:
+    for e in entries:
+        e.attempts += 1
+        e.worker = worker
+    store.mark_delivered(entries)
+
+
+def test_a_run_of_consecutive_ids_is_one_row_and_reads_back_in_order(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    ids = IdSource()
+    store.begin()
+    entries = fresh(store, ids, 100)
+    store.commit()
+    assert table_rows(tmp_path / "s.db", "batches") == 1
+    assert table_rows(tmp_path / "s.db", "messages") == 0
+    assert store.counts()["ready"] == 100
+    page = store.load_ready("q", entries[40].seq, 30)
+    assert [e.seq for e in page] == [e.seq for e in entries[40:70]]
+    assert [codec.decode([e.header, e.body]).body["n"] for e in page] == list(range(40, 70))
+    assert [e.id for e in page] == [e.id for e in entries[40:70]]
+    assert store.load_ready("other", 0, 10) == []
+    store.close()
+
+
+def test_duplicates_are_found_in_batches_and_within_one_transaction(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    ids = IdSource()
+    store.begin()
+    entries = fresh(store, ids, 50)
+    store.commit()
+    store.begin()
+    resent = [e.id for e in entries[10:20]] + [ids.next() for _ in range(3)]
+    seqs = store.reserve(resent)
+    assert seqs[:10] == [None] * 10, "a resend of stored messages is a duplicate"
+    assert None not in seqs[10:]
+    assert store.reserve(resent[10:]) == [None] * 3, "ids reserved earlier in the same pass are duplicates too"
+    store.commit()
+    store.close()
+
+
+def test_delivery_ack_failure_and_dead_letter_of_batch_messages(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    ids = IdSource()
+    store.begin()
+    entries = fresh(store, ids, 10)
+    store.commit()
+    store.begin()
+    deliver(store, entries[:6])
+    store.commit()
+    store.begin()
+    store.mark_done(entries[:3], 2000.0)
+    store.mark_delayed(entries[3], 3000.0)
+    store.mark_dead(entries[4], "max-attempts", "KeyError", 2500.0)
+    deliver(store, [entries[5]], "w/2")  # a second attempt: it needs a row of its own
+    store.commit()
+    assert store.counts() == {"ready": 4, "delayed": 1, "in-flight": 1, "done": 3, "dead": 1}
+    states = {i: store.record(entries[i].id) for i in range(10)}
+    assert [(r.state, r.attempts) for r in states.values()] == (  # type: ignore[union-attr]
+        [("done", 1)] * 3 + [("delayed", 1), ("dead", 1), ("in-flight", 2)] + [("ready", 0)] * 4)
+    dead = store.dead_letters()
+    assert [r.id for r in dead] == [entries[4].id] and dead[0].reason == "max-attempts"
+    assert dead[0].envelope is not None and dead[0].envelope.body == {"n": 4}
+    assert store.record(entries[7].id.hex()[-8:]) == states[7], "a hex suffix finds a batch message"
+    store.close()
+    reopened = Store(path)
+    assert reopened.counts() == {"ready": 4, "delayed": 1, "in-flight": 1, "done": 3, "dead": 1}
+    assert [e.seq for e in reopened.load_ready("q", 0, 100)] == [e.seq for e in entries[6:]]
+    reopened.close()
+
+
+def test_hex_forms_of_an_id_find_one_batch_message_or_say_ambiguous(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    ids = IdSource()
+    store.begin()
+    entries = fresh(store, ids, 300)
+    store.commit()
+    target = entries[123]
+    full = target.id.hex()
+    for form in (full, full[-8:], full[-16:], full[-20:], full[:24] + full[24:]):
+        record = store.record(form)
+        assert record is not None and record.id == target.id, form
+    with pytest.raises(ConfigError, match="ambiguous"):
+        store.record(full[:16])  # the producer's origin: every message of the batch
+    assert store.record("00" * 16) is None
+    store.close()
+
+
+def test_a_crash_with_first_attempts_out_recovers_them_with_the_attempt_counted(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    ids = IdSource()
+    store.begin()
+    entries = fresh(store, ids, 20)
+    deliver(store, entries[:8])
+    store.commit()
+    store.begin()
+    store.mark_done(entries[:2], 2000.0)
+    store.commit()
+    store.begin()
+    store.mark_done(entries[2:4], 2001.0)  # never committed: the crash comes first
+    store._conn.close()  # what a kill -9 leaves: the last transaction rolled back by SQLite
+
+    store = Store(path)
+    store.begin()
+    assert store.recover() == []
+    store.commit()
+    ready = store.load_ready("q", 0, 100)
+    assert [e.seq for e in ready] == [e.seq for e in entries[2:]]
+    assert [e.attempts for e in ready] == [1] * 6 + [0] * 12, "first attempts cut off by the crash stay counted"
+    record = store.record(entries[2].id)
+    assert record is not None and record.attempts == 1
+    assert [(a.outcome, a.worker) for a in record.history] == [("interrupted", "w/1")]
+    assert store.counts()["done"] == 2
+    store.close()
+
+
+def test_a_finished_batch_drops_its_messages_and_leaves_the_dedupe_window(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    ids = IdSource()
+    store.begin()
+    entries = fresh(store, ids, 30)
+    deliver(store, entries)
+    store.commit()
+    store.begin()
+    store.mark_done(entries, 2000.0)
+    store.commit()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT items, finished_at, done FROM batches").fetchall() == [(None, 2000.0, 30)]
+    assert store.counts()["done"] == 30
+    store.begin()
+    assert store.reserve([entries[0].id]) == [None], "still known within the window"
+    store.commit()
+    store.begin()
+    assert store.purge_done(1999.0) == 0
+    assert store.purge_done(2001.0) == 30
+    assert store.reserve([entries[0].id]) != [None], "forgotten once the window passed"
+    store.commit()
+    store.close()
+
+
+def test_runs_break_at_gaps_other_queues_foreign_ids_and_the_row_limit(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    ids = IdSource()
+
+    def run(n: int, queue: str = "q") -> list[Envelope]:
+        return [Envelope.new(i, topic=queue).replace(id=ids.next()) for i in range(n)]
+
+    first = run(5)
+    ids.next()  # a gap in the counters: a message the sidecar refused, say
+    envs = first + run(5) + run(5, "other") + [Envelope.new("x", topic="q").replace(id=b"not sixteen bytes")]
+    envs += run(MAX_RUN + 3)
+    store.begin()
+    entries = reserved(store, envs)
+    store.insert(entries, 1000.0)  # one pass's messages, in one call
+    store.commit()
+    assert table_rows(path, "batches") == 5, "5, 5 after the gap, 5 to another queue, the long run in two rows"
+    assert table_rows(path, "messages") == 1, "the foreign id"
+    assert [e.seq for e in store.load_ready("q", 0, 10_000)] == [e.seq for e in entries if e.queue == "q"]
+    assert [e.seq for e in store.load_ready("other", 0, 10)] == [e.seq for e in entries[10:15]]
+    assert store.record(b"not sixteen bytes") is not None
+    assert store.queue_names() == ["other", "q"]
+    store.close()
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE messages (seq INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE, queue TEXT NOT NULL, state INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, budget_base INTEGER NOT NULL DEFAULT 0, available_at REAL NOT NULL,
+    received_at REAL NOT NULL, expires_at REAL, finished_at REAL, reason TEXT, error_type TEXT, worker TEXT,
+    header BLOB, body BLOB);
+CREATE TABLE history (message_id BLOB NOT NULL, attempt INTEGER NOT NULL, at REAL NOT NULL, worker TEXT,
+    outcome TEXT NOT NULL, error_type TEXT, error_message TEXT, traceback TEXT);
+INSERT INTO meta VALUES ('schema', 1);
+"""
+
+
+def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_messages(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    env = Envelope.new({"old": True}, topic="q")
+    header, body = codec.encode_split(env)
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_SCHEMA)
+        db.execute("INSERT INTO messages (seq, id, queue, state, available_at, received_at, header, body) "
+                   "VALUES (7, ?, 'q', 0, 1, 1, ?, ?)", (env.id, header, body))
+    store = Store(path)
+    [old] = store.load_ready("q", 0, 10)
+    assert old.seq == 7 and codec.decode([old.header, old.body]).body == {"old": True}
+    store.begin()
+    new = fresh(store, IdSource(), 3)
+    store.commit()
+    assert new[0].seq == 8, "sequence numbers go on after the old rows"
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == 2
+        db.execute("UPDATE meta SET value = 3 WHERE key = 'schema'")
+    with pytest.raises(StoreError, match="schema version 3"):
+        Store(path)
