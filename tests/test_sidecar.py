@@ -11,17 +11,19 @@ from pathlib import Path
 import pytest
 import zmq
 
+from zfabric import codec
 from zfabric.envelope import Envelope
 from zfabric.errors import ConfigError, DoNotRetry, Rejected, RetryAfter, StoreError
 from zfabric.patterns.reliable import AsyncReliableProducer, ReliableProducer
 from zfabric.patterns.worker import AsyncWorker, Worker
+from zfabric.sidecar import protocol as p
 from zfabric.sidecar.client import OfflineDeadLetters, SidecarClient
 from zfabric.sidecar.config import SidecarConfig
 from zfabric.sidecar.policy import RetryPolicy
 from zfabric.sidecar.service import Sidecar
 from zfabric.sidecar.store import DeadLetterFilter
 
-from .conftest import wait_until
+from .conftest import free_tcp_ports, wait_until
 
 FAST = RetryPolicy(max_attempts=3, backoff_base=0.01, backoff_cap=0.05)
 
@@ -420,3 +422,30 @@ def test_put_batches_stay_under_the_frame_budget() -> None:
         sizes.append(first)
         assert len(frames[1]) < 8 << 20
     assert sizes == [2, 2, 2, 2, 2]
+
+
+def test_a_message_sent_twice_in_one_pass_is_stored_once(tmp_path: Path, ctx: zmq.Context) -> None:
+    """Two PUTs of the same message that the sidecar reads in one pass (a resend that caught up with the original):
+    one is stored, the other is a duplicate, and both are confirmed. (The second INSERT of the same id stopped
+    the sidecar before: the first was not written yet when the second was checked.)"""
+    [port] = free_tcp_ports(1)
+    env = Envelope.new({"n": 1}, topic="orders")
+    put = [p.PUT, p.pack(list(codec.encode_split(env)))]
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(f"tcp://127.0.0.1:{port}")
+    raw.send_multipart(put)  # queued until the sidecar binds: both arrive together
+    raw.send_multipart(put)
+    sc = Sidecar(tmp_path / "s.db", {"orders": FAST}, endpoint=f"tcp://127.0.0.1:{port}").start()
+    try:
+        confirmed = []
+        while len(confirmed) < 2 and raw.poll(5000):
+            cmd, ids = raw.recv_multipart()
+            assert cmd == p.CONFIRM
+            confirmed += p.unpack(ids, "OK")
+        assert confirmed == [env.id, env.id]
+        assert (sc.stats.received, sc.stats.duplicates) == (1, 1)
+        assert sc._thread is not None and sc._thread.is_alive(), "the sidecar kept running"
+    finally:
+        raw.close(0)
+        sc.stop()
