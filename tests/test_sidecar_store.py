@@ -70,13 +70,18 @@ def test_duplicates_are_found_in_batches_and_within_one_transaction(tmp_path: Pa
     ids = IdSource()
     store.begin()
     entries = fresh(store, ids, 50)
+    singles = [fresh(store, ids, 1)[0] for _ in range(3)]  # one send each: rows of their own
+    foreign = reserved(store, [Envelope.new(i, topic="q").replace(id=b"foreign-%d" % i) for i in range(2)])
+    store.insert(foreign, 1000.0)
     store.commit()
+    assert table_rows(tmp_path / "s.db", "messages") == 5
     store.begin()
-    resent = [e.id for e in entries[10:20]] + [ids.next() for _ in range(3)]
-    seqs = store.reserve(resent)
-    assert seqs[:10] == [None] * 10, "a resend of stored messages is a duplicate"
-    assert None not in seqs[10:]
-    assert store.reserve(resent[10:]) == [None] * 3, "ids reserved earlier in the same pass are duplicates too"
+    stored = [e.id for e in entries[10:20] + singles + foreign]
+    new = [ids.next() for _ in range(3)] + [b"foreign-new"]
+    seqs = store.reserve(stored + new)
+    assert seqs[:len(stored)] == [None] * len(stored), "a resend of stored messages is a duplicate, batch or row"
+    assert None not in seqs[len(stored):]
+    assert store.reserve(new) == [None] * len(new), "ids reserved earlier in the same pass are duplicates too"
     store.commit()
     store.close()
 

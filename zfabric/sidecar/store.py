@@ -408,11 +408,7 @@ class Store:
         The rows themselves are written by insert(), later in the same transaction, once the
         caller knows whether each message went straight out to a worker.
         """
-        known = self._in_batches(ids)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            known.update(r[0] for r in self._conn.execute(
-                f"SELECT id FROM messages WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        known = self._stored(ids)
         reserved = self._reserved
         seqs: list[int | None] = []
         for ident in ids:
@@ -424,21 +420,35 @@ class Store:
             self._next_seq += 1
         return seqs
 
-    def _in_batches(self, ids: Sequence[bytes]) -> set[bytes]:
-        """The ids among `ids` that a batch row holds (one range query per producer)."""
-        counters: dict[bytes, list[int]] = {}
+    def _stored(self, ids: Sequence[bytes]) -> set[bytes]:
+        """The ids among `ids` that the store holds, in a batch or a row of their own.
+
+        Ids a zfabric producer made (an 8-byte origin and a counter) are looked up by range, one
+        query per producer and table; others one by one.
+        """
+        by_origin: dict[bytes, list[bytes]] = {}
+        others: list[bytes] = []
         for ident in ids:
             if len(ident) == 16:
-                counters.setdefault(ident[:8], []).append(int.from_bytes(ident[8:], "big"))
+                by_origin.setdefault(ident[:8], []).append(ident)
+            else:
+                others.append(ident)
         found: set[bytes] = set()
-        for origin, cs in counters.items():
-            lo, hi = min(cs), min(max(cs), _MAX_COUNTER)
+        execute = self._conn.execute
+        for origin, idents in by_origin.items():
+            asked = set(idents)
+            found.update(r[0] for r in execute("SELECT id FROM messages WHERE id BETWEEN ? AND ?", (min(idents), max(idents)))
+                         if r[0] in asked)
+            cs = [int.from_bytes(i[8:], "big") for i in idents]
+            lo, hi = min(cs), max(cs)
             if lo >= _MAX_COUNTER:
                 continue
-            for first, count in self._conn.execute(
-                    "SELECT first, count FROM batches WHERE origin = ? AND first BETWEEN ? AND ?",
-                    (origin, lo - MAX_RUN + 1, hi)):
+            for first, count in execute("SELECT first, count FROM batches WHERE origin = ? AND first BETWEEN ? AND ?",
+                                        (origin, lo - MAX_RUN + 1, min(hi, _MAX_COUNTER))):
                 found.update(origin + c.to_bytes(8, "big") for c in cs if first <= c < first + count)
+        for i in range(0, len(others), 500):
+            chunk = others[i:i + 500]
+            found.update(r[0] for r in execute(f"SELECT id FROM messages WHERE id IN ({','.join('?' * len(chunk))})", chunk))
         return found
 
     def insert(self, entries: Sequence[Entry], received_at: float) -> None:
