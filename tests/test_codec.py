@@ -65,6 +65,15 @@ def test_the_plain_stamp_path_writes_the_same_bytes_as_the_general_one() -> None
         stamp.plain(object(), 1.0)
 
 
+def test_the_split_stamp_writes_what_encode_split_writes() -> None:
+    stamp = codec.Stamp(IdSource(b"origin-1"), "orders")
+    for body, deadline, headers in [({"sku": "A-1"}, None, None), (b"raw", 1e9, {"trace": "t"}),
+                                    (b"big" * 30_000, None, {"k": 1}), (bytearray(b"ba"), None, None), (None, 5.5, {})]:
+        env, frames = stamp.encode(body, 1_700_000_000.5, deadline, headers, split=True)
+        assert frames == codec.encode_split(env)
+        assert codec.decode([bytes(f) for f in frames]) == env
+
+
 def test_stamp_refuses_what_a_receiver_would_refuse() -> None:
     stamp = codec.Stamp(IdSource(), "q")
     with pytest.raises(EncodeError, match="header keys must be strings"):

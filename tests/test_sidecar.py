@@ -13,7 +13,14 @@ import zmq
 
 from zfabric import codec
 from zfabric.envelope import Envelope
-from zfabric.errors import ConfigError, DoNotRetry, Rejected, RetryAfter, StoreError
+from zfabric.errors import (
+    ConfigError,
+    DoNotRetry,
+    EncodeError,
+    Rejected,
+    RetryAfter,
+    StoreError,
+)
 from zfabric.patterns.reliable import AsyncReliableProducer, ReliableProducer
 from zfabric.patterns.worker import AsyncWorker, Worker
 from zfabric.sidecar import protocol as p
@@ -449,3 +456,24 @@ def test_a_message_sent_twice_in_one_pass_is_stored_once(tmp_path: Path, ctx: zm
     finally:
         raw.close(0)
         sc.stop()
+
+
+@pytest.mark.parametrize("face", ["sync", "asyncio"])
+def test_an_unencodable_body_fails_the_call_before_anything_is_sent(face: str, sidecar: Sidecar) -> None:
+    """send_many with one body msgpack cannot encode raises EncodeError naming its type, and sends none of the
+    call's messages (the asyncio face sent those ahead of it before, and left them unawaited); the producer stays
+    usable."""
+    bodies = [{"n": 1}, {"n": 2}, object(), {"n": 4}]
+    if face == "sync":
+        with ReliableProducer(sidecar.endpoint, "orders") as producer:
+            with pytest.raises(EncodeError, match="object"):
+                producer.send_many(bodies)
+            producer.send({"n": 5}, timeout=10)
+    else:
+        async def main() -> None:
+            async with AsyncReliableProducer(sidecar.endpoint, "orders") as producer:
+                with pytest.raises(EncodeError, match="object"):
+                    await producer.send_many(bodies)
+                await producer.send({"n": 5}, timeout=10)
+        asyncio.run(asyncio.wait_for(main(), 20))
+    assert (sidecar.stats.received, sidecar.stats.confirmed) == (1, 1)

@@ -402,13 +402,17 @@ class Stamp:
         return plain
 
     def encode(self, body: Any, now: float, deadline: float | None = None,
-               headers: Mapping[str, Any] | None = None, seq: int | None = None) -> tuple[Envelope, list[Any]]:
-        """(envelope, frames) of a new message: one frame, or `[header, body]` for raw bytes of INLINE_MAX or more."""
+               headers: Mapping[str, Any] | None = None, seq: int | None = None,
+               split: bool = False) -> tuple[Envelope, list[Any]]:
+        """(envelope, frames) of a new message: one frame, or `[header, body]` for raw bytes of INLINE_MAX or more.
+
+        `split`: always `[header, body]`, the bytes `encode_split` would write (what a sidecar stores).
+        """
         if isinstance(body, _RAW_TYPES):
             fmt, payload = BODY_RAW, body
-            inline = len(body) < INLINE_MAX
+            inline = not split and len(body) < INLINE_MAX
         else:
-            inline = True
+            inline = not split
             fmt = BODY_MSGPACK
             try:
                 payload = self._packb(body)

@@ -191,6 +191,7 @@ class _ReliableBase(SocketOwner):
         self.stats = ReliableCounters()
         self._flow = ConfirmFlow(resend_after)
         self._ids = IdSource()
+        self._stamp = codec.Stamp(self._ids, queue)
         self._blocked = False
         """The last flush would have blocked (no sidecar connection): wait for writability, not only replies."""
 
@@ -199,6 +200,19 @@ class _ReliableBase(SocketOwner):
         now = time.time()
         return Envelope(self._ids.next(), Kind.MESSAGE, self.queue, body, None, None, 1, now,
                         None if ttl is None else now + ttl, headers if headers is not None else {}, None)
+
+    def _stamped(self, bodies: Iterable[Any], headers: Mapping[str, Any] | None,
+                 ttl: float | None) -> list[tuple[Envelope, list[Any]]]:
+        """(envelope, [header, body]) for each body, all encoded before anything is sent: a body msgpack
+        cannot encode raises EncodeError with nothing of the call sent."""
+        encode = self._stamp.encode
+        now = time.time()
+        deadline = None if ttl is None else now + ttl
+        return [encode(body, now, deadline, headers, None, True) for body in bodies]
+
+    def _prepared(self, envs: Iterable[Envelope]) -> list[tuple[Envelope, list[Any]]]:
+        """Ready-made envelopes, once each by id, with their frames (checked before anything is sent)."""
+        return [(env, self._check_queue(env)) for env in _unique(envs)]
 
     def _timeout(self, timeout: float | Unset) -> float:
         return self.timeout if timeout is UNSET else float(timeout)  # type: ignore[arg-type]
@@ -271,7 +285,7 @@ class ReliableProducer(_ReliableBase):
     def send(self, body: Any, *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
              timeout: float | Unset = UNSET) -> Envelope:
         """Send one message and wait for its confirm; raises Unconfirmed after `timeout` s."""
-        return self.send_envelopes([self.envelope(body, headers=headers, ttl=ttl)], timeout=timeout)[0]
+        return self._send(self._stamped([body], headers, ttl), timeout, None)[0]
 
     def send_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
                   timeout: float | Unset = UNSET, on_confirm: Callable[[Envelope], None] | None = None) -> list[Envelope]:
@@ -280,14 +294,16 @@ class ReliableProducer(_ReliableBase):
         `on_confirm` is called for each message as its confirm arrives. Raises Unconfirmed
         (with `confirmed` and `unconfirmed`) if some are not confirmed in time.
         """
-        envs = [self.envelope(b, headers=headers, ttl=ttl) for b in bodies]
-        return self.send_envelopes(envs, timeout=timeout, on_confirm=on_confirm)
+        return self._send(self._stamped(bodies, headers, ttl), timeout, on_confirm)
 
     def send_envelopes(self, envs: Iterable[Envelope], *, timeout: float | Unset = UNSET,
                        on_confirm: Callable[[Envelope], None] | None = None) -> list[Envelope]:
         """Send ready-made envelopes with their ids (e.g. the `unconfirmed` of an earlier Unconfirmed)."""
+        return self._send(self._prepared(envs), timeout, on_confirm)
+
+    def _send(self, prepared: list[tuple[Envelope, list[Any]]], timeout: float | Unset,
+              on_confirm: Callable[[Envelope], None] | None) -> list[Envelope]:
         self._check_open()
-        envs = _unique(envs)
         limit = self._timeout(timeout)
         flow, sock = self._flow, self._sock
         flow.pending.clear()
@@ -295,13 +311,13 @@ class ReliableProducer(_ReliableBase):
         confirmed: list[Envelope] = []
         rejected: list[tuple[Envelope, str]] = []
         overdue: list[Envelope] = []
-        todo = iter(envs)
+        todo = iter(prepared)
         while not overdue:
             while len(flow.pending) < self.max_in_flight:
-                env = next(todo, None)
-                if env is None:
+                item = next(todo, None)
+                if item is None:
                     break
-                flow.add(env, self._check_queue(env), limit)
+                flow.add(item[0], item[1], limit)
             if not flow.pending:
                 break
             blocked = self._flush_to(sock)
@@ -315,7 +331,7 @@ class ReliableProducer(_ReliableBase):
                         for env in done:
                             on_confirm(env)
             overdue = flow.due(time.monotonic())
-        return self._outcome(envs, confirmed, rejected, overdue, limit)
+        return self._outcome([env for env, _ in prepared], confirmed, rejected, overdue, limit)
 
 
 class AsyncReliableProducer(_ReliableBase):
@@ -332,27 +348,30 @@ class AsyncReliableProducer(_ReliableBase):
     async def send(self, body: Any, *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
                    timeout: float | Unset = UNSET) -> Envelope:
         """Send one message and wait for its confirm; raises Unconfirmed after `timeout` s."""
-        return (await self.send_envelopes([self.envelope(body, headers=headers, ttl=ttl)], timeout=timeout))[0]
+        return (await self._send(self._stamped([body], headers, ttl), timeout, None))[0]
 
     async def send_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
                         timeout: float | Unset = UNSET, on_confirm: Callable[[Envelope], None] | None = None) -> list[Envelope]:
         """Send many messages, pipelined and batched; returns once all are confirmed (see ReliableProducer.send_many)."""
-        envs = [self.envelope(b, headers=headers, ttl=ttl) for b in bodies]
-        return await self.send_envelopes(envs, timeout=timeout, on_confirm=on_confirm)
+        return await self._send(self._stamped(bodies, headers, ttl), timeout, on_confirm)
 
     async def send_envelopes(self, envs: Iterable[Envelope], *, timeout: float | Unset = UNSET,
                              on_confirm: Callable[[Envelope], None] | None = None) -> list[Envelope]:
         """Send ready-made envelopes with their ids and wait for every confirm."""
+        return await self._send(self._prepared(envs), timeout, on_confirm)
+
+    async def _send(self, prepared: list[tuple[Envelope, list[Any]]], timeout: float | Unset,
+                    on_confirm: Callable[[Envelope], None] | None) -> list[Envelope]:
         self._check_open()
-        envs = _unique(envs)
         limit = self._timeout(timeout)
+        envs = [env for env, _ in prepared]
         loop = asyncio.get_running_loop()
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_in_flight)
         if self._pump_task is None or self._pump_task.done():
             self._pump_task = loop.create_task(self._pump())
         futures = []
-        for env in envs:
+        for env, frames in prepared:
             pending = self._waiters.get(env.id)
             if pending is not None:  # already on its way for another coroutine: share its confirm
                 futures.append(pending)
@@ -361,7 +380,7 @@ class AsyncReliableProducer(_ReliableBase):
             fut: asyncio.Future[Envelope] = loop.create_future()
             fut.add_done_callback(self._settled(on_confirm))
             self._waiters[env.id] = fut
-            self._flow.add(env, self._check_queue(env), limit)
+            self._flow.add(env, frames, limit)
             futures.append(fut)
             if len(self._flow.unsent) >= self.batch_size:
                 self._flush_to(self._sync_sock)
