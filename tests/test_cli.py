@@ -145,7 +145,7 @@ def test_bench_quick_completes_and_prints_every_row(tmp_path: Path) -> None:
                      "request-reply req/s, 100 in flight, one request per message", "scatter-gather p50, 3 members",
                      "scatter-gather p99, 10 members",
                      "pub/sub msgs/s per subscriber, 100 B, 1 sub", "pub/sub msgs/s per subscriber, 100 B, 3 sub",
-                     "reliable confirmed msgs/s", "peak RSS"):
+                     "reliable confirmed msgs/s", "reliable processed msgs/s", "peak RSS"):
         assert any(f.startswith(expected) for f in figures), f"no row {expected!r} in {figures}"
         assert expected in done.stdout
     assert all(r["zf"] is not None or r["note"] for r in rows)

@@ -404,17 +404,22 @@ def rel_worker(endpoint: str) -> None:
 
 def rel_producer(endpoint: str, count: int, size: int) -> None:
     """Send `count` messages to a reliable queue (default window and batch size); time until every one is
-    confirmed durable."""
+    confirmed durable, and until the workers have acknowledged every one (the sidecar's `acked` counter)."""
     from zfabric import ReliableProducer
+    from zfabric.sidecar.client import SidecarClient
 
     body = body_of(size)
-    with ReliableProducer(endpoint, "bench", timeout=60) as producer:
-        producer.send_many([body] * 500)
+    warmup = 500
+    with ReliableProducer(endpoint, "bench", timeout=60) as producer, SidecarClient(endpoint) as control:
+        producer.send_many([body] * warmup)
         start = time.perf_counter()
         for i in range(0, count, 10_000):
             producer.send_many([body] * min(10_000, count - i))
         elapsed = time.perf_counter() - start
-    emit(result={"count": count, "seconds": elapsed, "rss_mb": rss_mb()})
+        while control.stats()["counters"]["acked"] < warmup + count:
+            time.sleep(0.01)
+        processed = time.perf_counter() - start
+    emit(result={"count": count, "seconds": elapsed, "processed_seconds": processed, "rss_mb": rss_mb()})
 
 
 ROLES = {f.__name__.replace("_", "-"): f for f in (queue_pull, queue_push, echo_server, rr_client, sg_client, ps_sub, ps_pub,
