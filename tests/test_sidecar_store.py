@@ -175,7 +175,8 @@ def test_a_finished_batch_drops_its_messages_and_leaves_the_dedupe_window(tmp_pa
     store.mark_done(entries, 2000.0)
     store.commit()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT items, finished_at, done FROM batches").fetchall() == [(None, 2000.0, 30)]
+        assert db.execute("SELECT finished_at, done FROM batches").fetchall() == [(2000.0, 30)]
+        assert db.execute("SELECT count(*) FROM batch_items").fetchone()[0] == 0, "the messages are dropped"
     assert store.counts()["done"] == 30
     store.begin()
     assert store.reserve([entries[0].id]) == [None], "still known within the window"

@@ -81,16 +81,17 @@ CREATE TABLE IF NOT EXISTS batches (
     finished_at REAL,
     done INTEGER NOT NULL DEFAULT 0,
     state BLOB NOT NULL,
-    workers BLOB NOT NULL,
-    items BLOB
+    workers BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS batch_items (seq INTEGER PRIMARY KEY, items BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS batches_by_id ON batches (origin, first);
 CREATE INDEX IF NOT EXISTS batches_open ON batches (seq) WHERE finished_at IS NULL;
 CREATE INDEX IF NOT EXISTS batches_finished ON batches (finished_at) WHERE finished_at IS NOT NULL;
 """
 # batches: message i of a row has sequence number seq + i and id origin + (first + i) as 8 big-endian
-# bytes; `items` is msgpack [header, body, expires_at] * count (NULL once every message is done or
-# moved), `state` a byte per message (below), `workers` msgpack [label, ...] for the in-flight bytes.
+# bytes; `state` is a byte per message (below), `workers` msgpack [label, ...] for the in-flight bytes.
+# batch_items: the messages, msgpack [header, body, expires_at] * count, deleted once every message is
+# done or moved. A table apart, so that the state changes of a pass rewrite small rows, not the messages.
 
 B_READY, B_DONE, B_MOVED, B_WORKER = 0, 1, 2, 3
 """A batch's state bytes: ready, acknowledged, moved to a row of its own; B_WORKER + k: out with
@@ -396,8 +397,9 @@ class Store:
         if open_rows:
             self._conn.executemany("UPDATE batches SET state = ?, workers = ? WHERE seq = ?", open_rows)
         if finished_rows:
-            self._conn.executemany("UPDATE batches SET state = ?, workers = ?, finished_at = ?, done = ?, items = NULL "
-                                   "WHERE seq = ?", finished_rows)
+            self._conn.executemany("UPDATE batches SET state = ?, workers = ?, finished_at = ?, done = ? WHERE seq = ?",
+                                   finished_rows)
+            self._conn.executemany("DELETE FROM batch_items WHERE seq = ?", ((r[-1],) for r in finished_rows))
         self._dirty.clear()
 
     # -- the sidecar's hot path --------------------------------------------------------
@@ -458,6 +460,7 @@ class Store:
         """
         rows: list[Entry] = []
         batches: list[tuple[Any, ...]] = []
+        items: list[tuple[int, bytes]] = []
         i, n = 0, len(entries)
         while i < n:
             run = self._run_length(entries, i)
@@ -465,12 +468,15 @@ class Store:
                 rows.append(entries[i])
                 i += 1
                 continue
-            batches.append(self._new_batch(entries[i:i + run], received_at))
+            row = self._new_batch(entries[i:i + run], received_at)
+            batches.append(row[:-1])
+            items.append((row[0], row[-1]))
             i += run
         if batches:
             self._conn.executemany(
-                "INSERT INTO batches (seq, queue, origin, first, count, received_at, state, workers, items) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", batches)
+                "INSERT INTO batches (seq, queue, origin, first, count, received_at, state, workers) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batches)
+            self._conn.executemany("INSERT INTO batch_items (seq, items) VALUES (?, ?)", items)
         if rows:
             self._conn.executemany(
                 "INSERT INTO messages (seq, id, queue, state, attempts, available_at, received_at, expires_at, worker, header, body) "
@@ -622,8 +628,8 @@ class Store:
         return [(r[0], Entry(*r[1:])) for r in rows]
 
     def _items(self, b: Batch) -> list[Any]:
-        row = self._conn.execute("SELECT items FROM batches WHERE seq = ?", (b.seq,)).fetchone()
-        if row is None or row[0] is None:
+        row = self._conn.execute("SELECT items FROM batch_items WHERE seq = ?", (b.seq,)).fetchone()
+        if row is None:
             raise StoreError(f"store {self.path}: batch {b.seq} has lost its messages")
         return msgpack.unpackb(row[0])  # type: ignore[no-any-return]
 
@@ -766,7 +772,8 @@ class Store:
         if limit <= 0:
             return found
         for seq, queue, origin, first, count, received, finished, state, items in self._conn.execute(
-                f"SELECT seq, queue, origin, first, count, received_at, finished_at, state, items FROM batches "
+                f"SELECT seq, queue, origin, first, count, received_at, finished_at, state, "
+                f"(SELECT items FROM batch_items WHERE batch_items.seq = batches.seq) FROM batches "
                 f"WHERE {where} ORDER BY seq", params):
             live = self._live.get(seq) or self._dirty.get(seq)
             if live is not None:
