@@ -9,9 +9,13 @@ store directly, the way the sidecar's passes do, and reopen the file to see what
 from __future__ import annotations
 
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from zfabric import codec
 from zfabric.envelope import Envelope, IdSource
@@ -247,3 +251,174 @@ def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_messages(tmp_path:
         db.execute("UPDATE meta SET value = 3 WHERE key = 'schema'")
     with pytest.raises(StoreError, match="schema version 3"):
         Store(path)
+
+
+class StoreModel(RuleBasedStateMachine):
+    """Random passes against the store, checked after each against a plain model of every message.
+
+    Each rule is one pass (one transaction) as the sidecar makes it: messages arrive in runs or
+    alone, are delivered, acknowledged, retried, dead-lettered, taken back from a lost worker;
+    `crash` drops a pass half done and restarts the store the way the sidecar does. The model
+    holds what the store must say of each message (state and attempts, as committed), and
+    what the sidecar holds in memory.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = tempfile.TemporaryDirectory(prefix="zf-store-model-")
+        self.path = Path(self.tmp.name) / "s.db"
+        self.store = Store(self.path, synchronous="normal")
+        self.ids = IdSource()
+        self.durable: dict[bytes, tuple[str, int, str]] = {}
+        """id -> (state, attempts, queue): what the store must report."""
+        self.memory: dict[bytes, tuple[str, Entry]] = {}
+        """id -> (ready | in-flight | waiting, entry): the sidecar's ledger."""
+        self.clock = 1000.0
+        self.foreign = 0
+
+    def teardown(self) -> None:
+        self.store.close()
+        self.tmp.cleanup()
+
+    def _pass(self) -> dict[bytes, tuple[str, int, str]]:
+        self.clock += 1.0
+        self.store.begin()
+        return dict(self.durable)
+
+    def _commit(self, view: dict[bytes, tuple[str, int, str]]) -> None:
+        self.store.commit()
+        self.durable = view
+
+    def _in(self, where: str, n: int) -> list[Entry]:
+        picked = sorted((e for state, e in self.memory.values() if state == where), key=lambda e: e.seq)
+        return picked[:n]
+
+    @rule(n=st.integers(1, 6), queue=st.sampled_from(["q", "r"]), foreign=st.booleans(), resend=st.integers(0, 3))
+    def put(self, n: int, queue: str, foreign: bool, resend: int) -> None:
+        view = self._pass()
+        envs = []
+        for _ in range(n):
+            self.foreign += 1
+            ident = b"foreign-%d" % self.foreign if foreign else self.ids.next()
+            envs.append(Envelope.new({"n": self.foreign}, topic=queue).replace(id=ident))
+        known = list(self.durable)[:resend]
+        seqs = self.store.reserve([e.id for e in envs] + known)
+        assert seqs[n:] == [None] * len(known), "a stored message sent again is a duplicate"
+        entries = []
+        for env, seq in zip(envs, seqs):
+            assert seq is not None
+            header, body = codec.encode_split(env)
+            entries.append(Entry(seq, env.id, queue, header, body))  # type: ignore[arg-type]
+        self.store.insert(entries, self.clock)
+        for e in entries:
+            view[e.id] = ("ready", 0, queue)
+            self.memory[e.id] = ("ready", e)
+        self._commit(view)
+
+    @rule(n=st.integers(1, 8), worker=st.sampled_from(["w/1", "w/2", "w/3"]))
+    def deliver(self, n: int, worker: str) -> None:
+        view = self._pass()
+        self._deliver(view, n, worker)
+        self._commit(view)
+
+    def _deliver(self, view: dict[bytes, tuple[str, int, str]], n: int, worker: str) -> None:
+        out = self._in("ready", n)
+        for e in out:
+            e.attempts += 1
+            e.worker = worker
+            self.memory[e.id] = ("in-flight", e)
+            view[e.id] = ("in-flight", e.attempts, e.queue)
+        self.store.mark_delivered(out)
+
+    @rule(n=st.integers(1, 8))
+    def ack(self, n: int) -> None:
+        view = self._pass()
+        done = self._in("in-flight", n)
+        self.store.mark_done(done, self.clock)
+        for e in done:
+            del self.memory[e.id]
+            view[e.id] = ("done", e.attempts, e.queue)
+        self._commit(view)
+
+    @rule(n=st.integers(1, 3), dead=st.booleans())
+    def fail(self, n: int, dead: bool) -> None:
+        view = self._pass()
+        for e in self._in("in-flight", n):
+            if dead:
+                self.store.mark_dead(e, "max-attempts", "ValueError", self.clock)
+                del self.memory[e.id]
+                view[e.id] = ("dead", e.attempts, e.queue)
+            else:
+                self.store.mark_delayed(e, self.clock + 5)
+                self.memory[e.id] = ("waiting", e)
+                view[e.id] = ("delayed", e.attempts, e.queue)
+        self._commit(view)
+
+    @rule(n=st.integers(1, 2))
+    def expire_unsent(self, n: int) -> None:
+        view = self._pass()
+        for e in self._in("ready", n):
+            self.store.mark_dead(e, "expired", None, self.clock)
+            del self.memory[e.id]
+            view[e.id] = ("dead", e.attempts, e.queue)
+        self._commit(view)
+
+    @rule(n=st.integers(1, 4))
+    def lease_lost(self, n: int) -> None:
+        """A worker went silent: its messages are ready again in memory; the store still says in flight."""
+        for e in self._in("in-flight", n):
+            self.memory[e.id] = ("ready", e)
+
+    @rule(n=st.integers(1, 4))
+    def retry_due(self, n: int) -> None:
+        for e in self._in("waiting", n):
+            self.memory[e.id] = ("ready", e)
+
+    @rule(deliver=st.integers(0, 5))
+    def crash(self, deliver: int) -> None:
+        """A pass half done when the process dies; the sidecar restarts on the same file."""
+        view = self._pass()
+        self._deliver(view, deliver, "w/9")
+        self.store._conn.close()  # what a kill -9 leaves: the open transaction is not in the file
+        self.store = Store(self.path, synchronous="normal")
+        self.store.begin()
+        delayed = self.store.recover()
+        self.store.commit()
+        self.durable = {i: ("ready" if s == "in-flight" else s, a, q) for i, (s, a, q) in self.durable.items()}
+        self.memory = {e.id: ("waiting", e) for _, e in delayed}
+        for queue in ("q", "r"):
+            self.memory.update((e.id, ("ready", e)) for e in self.store.load_ready(queue, 0, 1_000_000))
+
+    @rule()
+    def purge_finished(self) -> None:
+        view = self._pass()
+        self.store.purge_done(self.clock + 1)
+        self.store.commit()
+        for ident, (state, _, _) in view.items():
+            if state == "done" and self.store.record(ident) is None:
+                del self.durable[ident]  # forgotten: out of the dedupe window
+
+    @invariant()
+    def the_store_says_what_was_committed(self) -> None:
+        for ident, (state, attempts, queue) in self.durable.items():
+            record = self.store.record(ident)
+            assert record is not None, f"{ident.hex()} ({state}) is lost"
+            assert (record.state, record.attempts, record.queue) == (state, attempts, queue), ident.hex()
+        expected = {name: 0 for name in ("ready", "delayed", "in-flight", "done", "dead")}
+        for state, _, _ in self.durable.values():
+            expected[state] += 1
+        assert self.store.counts() == expected
+        for queue in ("q", "r"):
+            ready = sorted(i for i, (s, _, q) in self.durable.items() if s == "ready" and q == queue)
+            assert sorted(e.id for e in self.store.load_ready(queue, 0, 1_000_000)) == ready
+        assert set(self.store.queue_names()) == {q for s, _, q in self.durable.values() if s in ("ready", "delayed", "in-flight")}
+
+    @invariant()
+    def memory_matches_the_store(self) -> None:
+        for ident, (where, e) in self.memory.items():
+            state, attempts, _ = self.durable[ident]
+            assert e.attempts == attempts or where == "ready" and state in ("in-flight", "delayed")
+
+
+StoreModel.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+test_the_store_keeps_every_message_through_random_passes_and_crashes = StoreModel.TestCase
