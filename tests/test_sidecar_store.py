@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sqlite3
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,14 @@ from zfabric import codec
 from zfabric.envelope import Envelope, IdSource
 from zfabric.errors import ConfigError, StoreError
 from zfabric.sidecar.store import MAX_RUN, Entry, Store
+
+
+@contextmanager
+def one_pass(store: Store) -> Iterator[None]:
+    """One transaction, as one pass of the sidecar makes it."""
+    store.begin()
+    yield
+    store.commit()
 
 
 def fresh(store: Store, ids: IdSource, n: int, queue: str = "q") -> list[Entry]:
@@ -55,9 +65,8 @@ def deliver(store: Store, entries: list[Entry], worker: str = "w/1") -> None:
 def test_a_run_of_consecutive_ids_is_one_row_and_reads_back_in_order(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     ids = IdSource()
-    store.begin()
-    entries = fresh(store, ids, 100)
-    store.commit()
+    with one_pass(store):
+        entries = fresh(store, ids, 100)
     assert table_rows(tmp_path / "s.db", "batches") == 1
     assert table_rows(tmp_path / "s.db", "messages") == 0
     assert store.counts()["ready"] == 100
@@ -72,21 +81,19 @@ def test_a_run_of_consecutive_ids_is_one_row_and_reads_back_in_order(tmp_path: P
 def test_duplicates_are_found_in_batches_and_within_one_transaction(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     ids = IdSource()
-    store.begin()
-    entries = fresh(store, ids, 50)
-    singles = [fresh(store, ids, 1)[0] for _ in range(3)]  # one send each: rows of their own
-    foreign = reserved(store, [Envelope.new(i, topic="q").replace(id=b"foreign-%d" % i) for i in range(2)])
-    store.insert(foreign, 1000.0)
-    store.commit()
+    with one_pass(store):
+        entries = fresh(store, ids, 50)
+        singles = [fresh(store, ids, 1)[0] for _ in range(3)]  # one send each: rows of their own
+        foreign = reserved(store, [Envelope.new(i, topic="q").replace(id=b"foreign-%d" % i) for i in range(2)])
+        store.insert(foreign, 1000.0)
     assert table_rows(tmp_path / "s.db", "messages") == 5
-    store.begin()
-    stored = [e.id for e in entries[10:20] + singles + foreign]
-    new = [ids.next() for _ in range(3)] + [b"foreign-new"]
-    seqs = store.reserve(stored + new)
-    assert seqs[:len(stored)] == [None] * len(stored), "a resend of stored messages is a duplicate, batch or row"
-    assert None not in seqs[len(stored):]
-    assert store.reserve(new) == [None] * len(new), "ids reserved earlier in the same pass are duplicates too"
-    store.commit()
+    with one_pass(store):
+        stored = [e.id for e in entries[10:20] + singles + foreign]
+        new = [ids.next() for _ in range(3)] + [b"foreign-new"]
+        seqs = store.reserve(stored + new)
+        assert seqs[:len(stored)] == [None] * len(stored), "a resend of stored messages is a duplicate, batch or row"
+        assert None not in seqs[len(stored):]
+        assert store.reserve(new) == [None] * len(new), "ids reserved earlier in the same pass are duplicates too"
     store.close()
 
 
@@ -94,18 +101,15 @@ def test_delivery_ack_failure_and_dead_letter_of_batch_messages(tmp_path: Path) 
     path = tmp_path / "s.db"
     store = Store(path)
     ids = IdSource()
-    store.begin()
-    entries = fresh(store, ids, 10)
-    store.commit()
-    store.begin()
-    deliver(store, entries[:6])
-    store.commit()
-    store.begin()
-    store.mark_done(entries[:3], 2000.0)
-    store.mark_delayed(entries[3], 3000.0)
-    store.mark_dead(entries[4], "max-attempts", "KeyError", 2500.0)
-    deliver(store, [entries[5]], "w/2")  # a second attempt: it needs a row of its own
-    store.commit()
+    with one_pass(store):
+        entries = fresh(store, ids, 10)
+    with one_pass(store):
+        deliver(store, entries[:6])
+    with one_pass(store):
+        store.mark_done(entries[:3], 2000.0)
+        store.mark_delayed(entries[3], 3000.0)
+        store.mark_dead(entries[4], "max-attempts", "KeyError", 2500.0)
+        deliver(store, [entries[5]], "w/2")  # a second attempt: it needs a row of its own
     assert store.counts() == {"ready": 4, "delayed": 1, "in-flight": 1, "done": 3, "dead": 1}
     states = {i: store.record(entries[i].id) for i in range(10)}
     assert [(r.state, r.attempts) for r in states.values()] == (  # type: ignore[union-attr]
@@ -124,9 +128,8 @@ def test_delivery_ack_failure_and_dead_letter_of_batch_messages(tmp_path: Path) 
 def test_hex_forms_of_an_id_find_one_batch_message_or_say_ambiguous(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     ids = IdSource()
-    store.begin()
-    entries = fresh(store, ids, 300)
-    store.commit()
+    with one_pass(store):
+        entries = fresh(store, ids, 300)
     target = entries[123]
     full = target.id.hex()
     for form in (full, full[-8:], full[-16:], full[-20:], full[:24] + full[24:]):
@@ -142,21 +145,18 @@ def test_a_crash_with_first_attempts_out_recovers_them_with_the_attempt_counted(
     path = tmp_path / "s.db"
     store = Store(path)
     ids = IdSource()
-    store.begin()
-    entries = fresh(store, ids, 20)
-    deliver(store, entries[:8])
-    store.commit()
-    store.begin()
-    store.mark_done(entries[:2], 2000.0)
-    store.commit()
+    with one_pass(store):
+        entries = fresh(store, ids, 20)
+        deliver(store, entries[:8])
+    with one_pass(store):
+        store.mark_done(entries[:2], 2000.0)
     store.begin()
     store.mark_done(entries[2:4], 2001.0)  # never committed: the crash comes first
     store._conn.close()  # what a kill -9 leaves: the last transaction rolled back by SQLite
 
     store = Store(path)
-    store.begin()
-    assert store.recover() == []
-    store.commit()
+    with one_pass(store):
+        assert store.recover() == []
     ready = store.load_ready("q", 0, 100)
     assert [e.seq for e in ready] == [e.seq for e in entries[2:]]
     assert [e.attempts for e in ready] == [1] * 6 + [0] * 12, "first attempts cut off by the crash stay counted"
@@ -171,25 +171,21 @@ def test_a_finished_batch_drops_its_messages_and_leaves_the_dedupe_window(tmp_pa
     path = tmp_path / "s.db"
     store = Store(path)
     ids = IdSource()
-    store.begin()
-    entries = fresh(store, ids, 30)
-    deliver(store, entries)
-    store.commit()
-    store.begin()
-    store.mark_done(entries, 2000.0)
-    store.commit()
+    with one_pass(store):
+        entries = fresh(store, ids, 30)
+        deliver(store, entries)
+    with one_pass(store):
+        store.mark_done(entries, 2000.0)
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT finished_at, done FROM batches").fetchall() == [(2000.0, 30)]
         assert db.execute("SELECT count(*) FROM batch_items").fetchone()[0] == 0, "the messages are dropped"
     assert store.counts()["done"] == 30
-    store.begin()
-    assert store.reserve([entries[0].id]) == [None], "still known within the window"
-    store.commit()
-    store.begin()
-    assert store.purge_done(1999.0) == 0
-    assert store.purge_done(2001.0) == 30
-    assert store.reserve([entries[0].id]) != [None], "forgotten once the window passed"
-    store.commit()
+    with one_pass(store):
+        assert store.reserve([entries[0].id]) == [None], "still known within the window"
+    with one_pass(store):
+        assert store.purge_done(1999.0) == 0
+        assert store.purge_done(2001.0) == 30
+        assert store.reserve([entries[0].id]) != [None], "forgotten once the window passed"
     store.close()
 
 
@@ -205,10 +201,9 @@ def test_runs_break_at_gaps_other_queues_foreign_ids_and_the_row_limit(tmp_path:
     ids.next()  # a gap in the counters: a message the sidecar refused, say
     envs = first + run(5) + run(5, "other") + [Envelope.new("x", topic="q").replace(id=b"not sixteen bytes")]
     envs += run(MAX_RUN + 3)
-    store.begin()
-    entries = reserved(store, envs)
-    store.insert(entries, 1000.0)  # one pass's messages, in one call
-    store.commit()
+    with one_pass(store):
+        entries = reserved(store, envs)
+        store.insert(entries, 1000.0)  # one pass's messages, in one call
     assert table_rows(path, "batches") == 5, "5, 5 after the gap, 5 to another queue, the long run in two rows"
     assert table_rows(path, "messages") == 1, "the foreign id"
     assert [e.seq for e in store.load_ready("q", 0, 10_000)] == [e.seq for e in entries if e.queue == "q"]
@@ -241,9 +236,8 @@ def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_messages(tmp_path:
     store = Store(path)
     [old] = store.load_ready("q", 0, 10)
     assert old.seq == 7 and codec.decode([old.header, old.body]).body == {"old": True}
-    store.begin()
-    new = fresh(store, IdSource(), 3)
-    store.commit()
+    with one_pass(store):
+        new = fresh(store, IdSource(), 3)
     assert new[0].seq == 8, "sequence numbers go on after the old rows"
     store.close()
     with sqlite3.connect(path) as db:
