@@ -213,6 +213,29 @@ def test_runs_break_at_gaps_other_queues_foreign_ids_and_the_row_limit(tmp_path:
     store.close()
 
 
+def test_two_entries_of_one_message_settle_it_once(tmp_path: Path) -> None:
+    """The sidecar can briefly hold two entries of one message (a page loaded while a delivery of the same pass
+    was not yet written). Whatever both report, the message is settled once: acked twice is done once, moved by
+    one and acked by the other is a done row, acked by one and failed by the other stays done."""
+    store = Store(tmp_path / "s.db")
+    with one_pass(store):
+        entries = fresh(store, IdSource(), 6)
+    twins = store.load_ready("q", 0, 10)
+    assert [t.id for t in twins] == [e.id for e in entries] and all(t.batch is entries[0].batch for t in twins)
+    with one_pass(store):
+        deliver(store, entries[:3])
+        deliver(store, twins[:3], "w/2")
+    with one_pass(store):
+        store.mark_done([entries[0], twins[0]], 2000.0)
+        store.mark_delayed(entries[1], 3000.0)
+        store.mark_done([twins[1]], 2000.0)
+        store.mark_done([entries[2]], 2000.0)
+        store.mark_dead(twins[2], "max-attempts", "ValueError", 2000.0)
+    assert [store.record(e.id).state for e in entries[:3]] == ["done", "done", "done"]  # type: ignore[union-attr]
+    assert store.counts() == {"ready": 3, "delayed": 0, "in-flight": 0, "done": 3, "dead": 0}
+    store.close()
+
+
 V1_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE messages (seq INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE, queue TEXT NOT NULL, state INTEGER NOT NULL,

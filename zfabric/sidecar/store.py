@@ -147,10 +147,13 @@ class Batch:
     def mark(self, entry: Entry, value: int) -> None:
         i = entry.seq - self.seq
         if self.state[i] in (B_DONE, B_MOVED):
-            raise StoreError(f"batch {self.seq}: message {entry.id.hex()} was already settled")
+            return  # settled through another entry of the same message: it stays settled
         self.state[i] = value
         if value in (B_DONE, B_MOVED):
             self.open -= 1
+
+    def is_done(self, entry: Entry) -> bool:
+        return self.state[entry.seq - self.seq] == B_DONE
 
     def worker_code(self, label: str | None) -> int | None:
         """The state byte for "out with `label`", or None when the row has no room for another worker."""
@@ -527,9 +530,11 @@ class Store:
         """These messages are now out with a worker (entry.worker), their attempt counted."""
         rows: list[tuple[tuple[Any, ...], int]] = []
         for e in entries:
-            b = e.batch
+            b = self._batch(e)
             if b is None:
                 rows.append(((e.attempts, e.worker), e.seq))
+                continue
+            if b.is_done(e):
                 continue
             code = b.worker_code(e.worker) if e.attempts == 1 else None
             if code is None:
@@ -544,7 +549,7 @@ class Store:
         """Acknowledged. The body is dropped; the id stays for deduplication."""
         rows: list[tuple[tuple[Any, ...], int]] = []
         for e in entries:
-            b = e.batch
+            b = self._batch(e)
             if b is None:
                 rows.append(((finished_at,), e.seq))
             else:
@@ -566,17 +571,31 @@ class Store:
                                    (*values, *chunk))
 
     def mark_delayed(self, entry: Entry, available_at: float) -> None:
-        if entry.batch is not None:
-            self._move(entry, DELAYED, time.time(), available_at=available_at)
+        b = self._batch(entry)
+        if b is not None:
+            if not b.is_done(entry):
+                self._move(entry, DELAYED, time.time(), available_at=available_at)
         else:
             self._conn.execute("UPDATE messages SET state = 1, available_at = ? WHERE seq = ?", (available_at, entry.seq))
 
     def mark_dead(self, entry: Entry, reason: str, error_type: str | None, at: float) -> None:
-        if entry.batch is not None:
-            self._move(entry, DEAD, at, reason=reason, error_type=error_type, finished_at=at)
+        b = self._batch(entry)
+        if b is not None:
+            if not b.is_done(entry):
+                self._move(entry, DEAD, at, reason=reason, error_type=error_type, finished_at=at)
         else:
             self._conn.execute("UPDATE messages SET state = 4, reason = ?, error_type = ?, finished_at = ? WHERE seq = ?",
                                (reason, error_type, at, entry.seq))
+
+    @staticmethod
+    def _batch(e: Entry) -> Batch | None:
+        """The batch that still holds `e`'s message, or None when the message has a row of its own; also when
+        another entry of the same message moved it there (the sidecar can hold two for a moment: see
+        Sidecar._pass). A message already acknowledged stays so whatever its other entries report."""
+        b = e.batch
+        if b is not None and b.state[e.seq - b.seq] == B_MOVED:
+            e.batch = b = None
+        return b
 
     def _move(self, e: Entry, state: int, now: float, *, available_at: float | None = None, reason: str | None = None,
               error_type: str | None = None, finished_at: float | None = None) -> None:
