@@ -477,3 +477,45 @@ def test_an_unencodable_body_fails_the_call_before_anything_is_sent(face: str, s
                 await producer.send({"n": 5}, timeout=10)
         asyncio.run(asyncio.wait_for(main(), 20))
     assert (sidecar.stats.received, sidecar.stats.confirmed) == (1, 1)
+
+
+def test_a_replay_while_messages_are_handed_out_delivers_each_once(tmp_path: Path, ctx: zmq.Context) -> None:
+    """A replay moves the sidecar's paging back to the dead letter's place in the queue. When a worker's credit
+    arrives in the same pass, the messages that pass handed out were still ready in the store and were paged in
+    again: each went out twice, both times as attempt 1. (With batch rows it could also stop the sidecar.)"""
+    sc = Sidecar(tmp_path / "s.db", {"orders": RetryPolicy(max_attempts=1)}, endpoint="tcp://127.0.0.1:0",
+                 lease_timeout=10.0).start()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    try:
+        handler = Recorder({0: ValueError("dead on arrival")})
+        worker = run_worker(sc, handler)
+        with ReliableProducer(sc.endpoint, "orders") as producer:
+            producer.send({"n": 0})
+            assert wait_until(lambda: sc.stats.dead_lettered == 1)
+            worker.close()
+            assert wait_until(lambda: sc.stats.workers == 0 or not sc.ledger.leases)
+            producer.send_many({"n": n} for n in range(1, 51))  # ready in memory, behind the dead letter
+        me = b"raw-worker-00001"
+        raw.connect(sc.endpoint)
+        raw.send_multipart([p.READY, p.pack({"worker": me, "name": "raw", "queue": "orders", "window": 10,
+                                              "dlv": p.DLV_PACKED})])
+        raw.send_multipart([p.CONTROL, p.pack({"op": "dlq.replay", "filter": {}})])  # read in the same pass
+        seen: list[tuple[bytes, int]] = []
+        replayed = None
+        while (replayed is None or len({i for i, _ in seen}) < 51) and raw.poll(3000):
+            frames = raw.recv_multipart()
+            if frames[0] == p.CONTROL_REPLY:
+                replayed = p.unpack(frames[1], "CTR")["replayed"]
+            elif frames[0] == p.DELIVER:
+                items = p.unpack(frames[1], "DLV")
+                got = [(codec.decode_header(items[i + 1]).id, items[i]) for i in range(0, len(items), 3)]
+                seen += got
+                raw.send_multipart([p.ACK, p.pack({"worker": me, "acks": [[i, a] for i, a in got]})])
+        assert replayed == 1
+        assert len({i for i, _ in seen}) == 51, "every message, the replayed one included, is delivered"
+        assert len(seen) == 51, f"{len(seen) - len(set(seen))} message(s) delivered twice"
+        assert sc._thread is not None and sc._thread.is_alive()
+    finally:
+        raw.close(0)
+        sc.stop()

@@ -250,6 +250,9 @@ class Sidecar:
                 delivered = [e for _, e in out if e.seq not in fresh_seqs]
             else:
                 delivered = [e for _, e in out]
+            # Written before paging: the store must no longer count them ready, or a page from an
+            # earlier point (a replay moves it back) would load them again and deliver them twice.
+            store.mark_delivered(delivered)
             paged = False
             for queue, from_seq, want in list(led.wants_page()):
                 led.paged_in(queue, store.load_ready(queue, from_seq, want), want)
@@ -258,9 +261,7 @@ class Sidecar:
                 more, late = led.deliveries(now)
                 out += more
                 expired += late
-                delivered += [e for _, e in more]
-            if delivered:
-                store.mark_delivered(delivered)
+                store.mark_delivered(e for _, e in more)
             if self._done:
                 store.mark_done(self._done, now)
                 self._done.clear()
