@@ -147,6 +147,19 @@ def test_a_body_that_cannot_be_encoded_fails_alone_and_nothing_of_a_failed_call_
     assert requester.stats.retries == 0
 
 
+def test_headers_a_replier_would_refuse_fail_at_once_at_the_requester(face: Face) -> None:
+    """A header key that is not a string makes the replier refuse the request as undecodable: the caller used to
+    wait out every attempt's timeout for an answer that could never come. It fails when it is built now."""
+    replier = face.replier("tcp://127.0.0.1:0", lambda env: env.body)
+    requester = face.requester(replier.endpoint, timeout=5.0, retries=2)
+    started = time.monotonic()
+    with pytest.raises(EncodeError, match="header keys must be strings"):
+        requester.request("x", headers={1: "one"})  # type: ignore[dict-item]
+    assert time.monotonic() - started < 4.0, "it failed by timing out, not at once"
+    assert requester.stats.sent == 0
+    assert requester.request("y", headers={"ok": 1}) == "y"
+
+
 class Interrupted(Exception):
     pass
 

@@ -384,6 +384,7 @@ class _RequesterBase:
         self.flow = RequestFlow(self.stats)
         self._ids = IdSource()
         self._pack = msgpack.Packer().pack
+        self._stamp = codec.Stamp(self._ids, service, Kind.REQUEST)
         self._owner = _DealerOwner(self._specs, options=options, context=context, asyncio=self._asyncio)
         self.options = self._owner.options
         self.endpoints = self._owner.endpoints
@@ -416,16 +417,15 @@ class _RequesterBase:
         yielded as soon as it is complete so that the first goes out before the rest are built. Each request
         is put in flight (`track(id, index)`) as it is encoded; a body that cannot be encoded goes to
         `failed(index, error)` instead, and only it fails."""
-        headers = headers if headers is not None else {}
-        pack, ids, submit, now = self._pack, self._ids, self.flow.submit, time.monotonic()
+        if self._stamp.topic != self.service:  # `service` was changed since
+            self._stamp = codec.Stamp(self._ids, self.service, Kind.REQUEST)
+        encode, submit, now, clock, lasts = self._stamp.encode, self.flow.submit, time.monotonic(), time.time, t * (r + 1)
 
         def encoded() -> Iterator[tuple[Envelope, list[Any]]]:
             for i, body in enumerate(bodies):
-                sent_at = time.time()
-                env = Envelope(ids.next(), Kind.REQUEST, self.service, body, None, None, 1, sent_at,
-                               sent_at + t * (r + 1), headers, None)
+                sent_at = clock()
                 try:
-                    frames = codec.encode(env, pack)
+                    env, frames = encode(body, sent_at, sent_at + lasts, headers)
                 except EncodeError as exc:
                     failed(i, exc)
                     continue
