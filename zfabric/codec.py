@@ -67,6 +67,8 @@ _NUMBERS = (float, int)
 _unpackb = msgpack.unpackb
 _make_envelope = tuple.__new__  # every field was validated just above; skip NamedTuple's argument parsing
 _RAW_TYPES = (bytes, bytearray, memoryview)
+Buffer = Any
+"""bytes, or any object msgpack can read in place (a memoryview, a received zmq.Frame)."""
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -175,8 +177,10 @@ def decode_published(frames: Sequence[bytes]) -> Envelope:
     return env
 
 
-def decode_message(frame: bytes, frames: Sequence[bytes] | None = None) -> Envelope:
-    """The envelope in a one-frame message (the header array with the body as its last element)."""
+def decode_message(frame: Buffer, frames: Sequence[bytes] | None = None) -> Envelope:
+    """The envelope in a one-frame message (the header array with the body as its last element).
+
+    `frame` may be any buffer, a received `zmq.Frame` too: msgpack reads it in place."""
     try:
         entry = _unpackb(frame, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
     except Exception as exc:  # msgpack raises several unrelated types for hostile input

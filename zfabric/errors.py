@@ -57,7 +57,7 @@ class CodecError(FabricError):
 class DecodeError(CodecError):
     """Frames that are not a valid zfabric envelope; `frames` holds them as received."""
 
-    def __init__(self, reason: str, frames: Sequence[bytes] = ()) -> None:
+    def __init__(self, reason: str, frames: Sequence[Any] = ()) -> None:  # bytes or buffers, kept as bytes
         self.reason = reason
         self.frames = [bytes(f) for f in frames]
         sizes = ", ".join(str(len(f)) for f in self.frames[:8])
