@@ -184,15 +184,18 @@ class AsyncInbox(Inbox):
 
     async def receive(self, timeout: float | None = None) -> Envelope:
         """The next valid envelope; raises ReceiveTimeout after `timeout` seconds (None: wait forever)."""
-        self._check_open()
+        if self._closed:
+            self._check_open()
         if self._pending:
             return self._pending.popleft()
         sync = self._sync_sock
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None
         while True:
             try:  # what is waiting is received at once, as in the sync face; only waiting goes through the loop
                 first = RECV(sync, _NOBLOCK, False)
             except zmq.Again:
+                if deadline is None and timeout is not None:
+                    deadline = time.monotonic() + timeout
                 if not await self._wait(deadline):
                     raise ReceiveTimeout(f"no message within {timeout:g} s on {self.endpoint}") from None
                 if self._pending:

@@ -200,9 +200,13 @@ class AsyncProducer(_ProducerBase):
     async def send(self, body: Any, *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
                    timeout: float | None | Unset = UNSET) -> Envelope:
         """Send one message; returns its envelope. Waits while the queue is full, at most `timeout` s."""
-        self._check_open()
+        if self._closed:
+            self._check_open()
         env, frames = self._encode(body, headers, ttl)
-        await self._send(frames, self._timeout(timeout))
+        try:  # what the socket takes now goes at once, without a coroutine per layer (see _asend)
+            send_frames(self._sync_sock, frames, _NOBLOCK)
+        except zmq.Again:
+            await self._send(frames, self._timeout(timeout))
         self.stats.sent += 1
         return env
 
