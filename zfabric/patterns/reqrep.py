@@ -79,6 +79,7 @@ BATCH_BYTES = 1 << 20
 """A batch being built is sent once its encoded requests reach this many bytes."""
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
+_decode_message = codec.decode_message
 _POLLOUT = int(zmq.POLLOUT)
 
 
@@ -410,6 +411,16 @@ class _RequesterBase:
             raise FabricError(f"timeout must be > 0 and retries >= 0, got {t!r} and {r!r}")
         return t, r
 
+    def _prepare(self, body: Any, headers: Mapping[str, Any] | None, t: float, r: int) -> tuple[Envelope, list[Any]]:
+        """A new request's envelope and frames, put in flight; EncodeError (and nothing in flight) if the body or
+        headers cannot be encoded."""
+        if self._stamp.topic != self.service:  # `service` was changed since
+            self._stamp = codec.Stamp(self._ids, self.service, Kind.REQUEST)
+        sent_at = time.time()
+        env, frames = self._stamp.encode(body, sent_at, sent_at + t * (r + 1), headers)
+        self.flow.submit(env, t, r, time.monotonic())
+        return env, frames
+
     def _outgoing(self, bodies: Sequence[Any], headers: Mapping[str, Any] | None, t: float, r: int, per: int, *,
                   track: Callable[[bytes, int], None], failed: Callable[[int, EncodeError], None],
                   ) -> Iterator[tuple[list[Any], int]]:
@@ -417,26 +428,33 @@ class _RequesterBase:
         yielded as soon as it is complete so that the first goes out before the rest are built. Each request
         is put in flight (`track(id, index)`) as it is encoded; a body that cannot be encoded goes to
         `failed(index, error)` instead, and only it fails."""
-        if self._stamp.topic != self.service:  # `service` was changed since
-            self._stamp = codec.Stamp(self._ids, self.service, Kind.REQUEST)
-        encode, submit, now, clock, lasts = self._stamp.encode, self.flow.submit, time.monotonic(), time.time, t * (r + 1)
+        prepare = self._prepare
 
         def encoded() -> Iterator[tuple[Envelope, list[Any]]]:
             for i, body in enumerate(bodies):
-                sent_at = clock()
                 try:
-                    env, frames = encode(body, sent_at, sent_at + lasts, headers)
+                    env, frames = prepare(body, headers, t, r)
                 except EncodeError as exc:
                     failed(i, exc)
                     continue
-                submit(env, t, r, now)
                 track(env.id, i)
                 yield env, frames
 
+        if per == 1:  # a message per request: nothing to group
+            return ((frames, 1) for _, frames in encoded())
         return ((frames, len(group)) for group, frames in codec.group_batches(encoded(), per, BATCH_BYTES))
 
     def _decode_replies(self, frames: list[bytes]) -> list[tuple[bytes, Any]]:
         """(request id, outcome) of each reply to a pending request in one received message (a reply or a batch)."""
+        if len(frames) == 1:  # one reply, the commonest message: the shortest way
+            try:
+                env = _decode_message(frames[0])
+            except DecodeError as exc:
+                count_bad(exc, self.stats, self._who)
+                return []
+            self.stats.received += 1
+            done = self.flow.on_reply(env)
+            return [] if done is None else [done]
         envs = decode_counted(frames, self.stats, self._who, codec.decode_many)
         if envs is None:
             return []
@@ -515,7 +533,13 @@ class Requester(_RequesterBase):
     def request(self, body: Any, *, headers: Mapping[str, Any] | None = None,
                 timeout: float | Unset = UNSET, retries: int | Unset = UNSET) -> Any:
         """The reply body; raises RequestTimeout after every attempt timed out, RemoteError if the handler raised."""
-        return self.request_many([body], headers=headers, timeout=timeout, retries=retries)[0]
+        t, r = self._limits(timeout, retries)
+        env, frames = self._prepare(body, headers, t, r)  # request_many's work for one body, without its pipeline
+        results: list[Any] = [None]
+        self._collect([(self.flow.generation, frames, 1)], {env.id: 0}, results)
+        if isinstance(results[0], FabricError):
+            raise results[0]
+        return results[0]
 
     def request_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
                      timeout: float | Unset = UNSET, retries: int | Unset = UNSET,
@@ -533,11 +557,21 @@ class Requester(_RequesterBase):
         per = self._batch_size(len(bodies), batch)
         results: list[Any] = [None] * len(bodies)
         order: dict[bytes, int] = {}
-        """Request id -> index, while the request waits for its outcome."""
         generation = self.flow.generation
+        self._collect(((generation, frames, n) for frames, n in self._outgoing(
+            bodies, headers, t, r, per, track=order.__setitem__, failed=results.__setitem__)), order, results)
+        if not return_exceptions:
+            for item in results:
+                if isinstance(item, FabricError):
+                    raise item
+        return results
+
+    def _collect(self, outgoing: Iterable[tuple[int, list[Any], int]], order: dict[bytes, int],
+                 results: list[Any]) -> None:
+        """Send `outgoing` (generation, frames, request count) and wait until every request in `order` (id ->
+        index, filled in as they are sent) has its outcome in `results`: a reply body or an exception."""
         try:
-            outbox = self._flush((generation, frames, n) for frames, n in self._outgoing(
-                bodies, headers, t, r, per, track=order.__setitem__, failed=results.__setitem__))
+            outbox = self._flush(outgoing)
             while order:
                 due = self.flow.next_due()
                 wait = 100 if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
@@ -558,15 +592,11 @@ class Requester(_RequesterBase):
                     outbox.extend((self.flow.generation, codec.encode(env, self._pack), 1) for env in resend)
                 if len(self._sockets) > 1:
                     self._close_idle()
-                outbox = self._flush(outbox)
+                if outbox:
+                    outbox = self._flush(outbox)
         finally:
             for rid in order:  # interrupted (Ctrl-C, close): never resend these on a later call
                 self.flow.forget(rid)
-        if not return_exceptions:
-            for item in results:
-                if isinstance(item, FabricError):
-                    raise item
-        return results
 
     def _flush(self, outbox: Iterable[tuple[int, list[Any], int]]) -> list[tuple[int, list[Any], int]]:
         """Send what the sockets take now; returns the rest."""
