@@ -39,7 +39,8 @@ def test_stamp_encodes_what_the_generic_encoder_would_decode_to() -> None:
     ids = IdSource()
     stamp = codec.Stamp(ids, "orders")
     cases = [({"sku": "A-1", 7: [1.5]}, None, None, None), (b"raw", 1e9, {"trace": "t"}, 3),
-             (b"big" * 30_000, None, {"k": 1}, 2**40), ("x" * 20_000, 5.5, None, None), (None, None, {}, 0)]
+             (b"big" * 30_000, None, {"k": 1}, 2**40), ("x" * 20_000, 5.5, None, None), (None, None, {}, 0),
+             ({"n": 1}, 1e9 + 0.5, None, None), (b"raw", 7.25, {}, None)]  # a deadline alone: what a request has
     seen = set()
     for body, deadline, headers, seq in cases:
         env, frames = stamp.encode(body, 1_700_000_000.5, deadline, headers, seq)

@@ -362,6 +362,8 @@ _F64 = struct.Struct(">Bd").pack
 _U64 = struct.Struct(">BQ").pack
 _SEQ_ONLY = struct.Struct(">3sQB").pack
 """Header elements 8-11 of a published message without deadline or headers: nil, {}, uint64 seq, format."""
+_DEADLINE_ONLY = struct.Struct(">BdBBB").pack
+"""Header elements 8-11 with a deadline and nothing else: float64 deadline, {}, nil, format."""
 _NO_EXTRAS = {fmt: bytes((0xC0, 0x80, 0xC0, fmt)) for fmt in (BODY_MSGPACK, BODY_RAW)}
 """Header elements 8-11 with no deadline, no headers and no seq: nil, {}, nil, format."""
 
@@ -425,6 +427,8 @@ class Stamp:
         head = self._pack(self._pre13 if inline else self._pre12, self._next(), self._mid, now)
         if deadline is None and not headers:
             extras = _NO_EXTRAS[fmt] if seq is None else _SEQ_ONLY(b"\xc0\x80\xcf", seq, fmt)
+        elif not headers and seq is None:  # a request: a deadline only
+            extras = _DEADLINE_ONLY(0xCB, deadline, 0x80, 0xC0, fmt)
         else:
             extras = b"".join((
                 b"\xc0" if deadline is None else _F64(0xCB, deadline),

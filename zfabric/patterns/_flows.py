@@ -46,7 +46,7 @@ class RequestCounters(Counters):
     sockets_opened: int = 1
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     env: Envelope
     timeout: float
