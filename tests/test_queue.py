@@ -194,6 +194,25 @@ def test_send_many_reports_what_went_out_before_a_timeout(face: Face) -> None:
     assert [consumer.receive(timeout=5.0).body[0] for _ in went] == went
 
 
+def test_a_producer_opens_whatever_monitor_addresses_pyzmq_would_pick_are_taken(ctx: zmq.Context) -> None:
+    """pyzmq names a socket's monitor after its file descriptor, which a socket opened just after another closed
+    can inherit while the old monitor's address is still bound: "Address already in use" when producers come and
+    go. zfabric names its monitors itself; here every name pyzmq could pick is taken first."""
+    squat = ctx.socket(zmq.PAIR)
+    squat.linger = 0
+    for fd in range(512):
+        squat.bind(f"inproc://monitor.s-{fd}")
+    try:
+        with Consumer("tcp://127.0.0.1:0", context=ctx) as consumer:
+            for n in range(3):
+                with Producer(consumer.endpoint, context=ctx) as producer:
+                    producer.wait_for_consumers(1, timeout=5.0)
+                    producer.send({"n": n})
+                assert consumer.receive(timeout=5.0).body == {"n": n}
+    finally:
+        squat.close(0)
+
+
 def test_send_batch_delivers_every_message_in_order_with_its_own_envelope(face: Face) -> None:
     consumer = face.consumer("tcp://127.0.0.1:0")
     producer = face.producer(consumer.endpoint, send_timeout=10.0)

@@ -7,6 +7,7 @@ Patterns speak in endpoints, options and envelopes; they ask this module for a s
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -486,6 +487,19 @@ def wait_handed_over(fds: Iterable[int], deadline: float) -> None:
         time.sleep(0.002)
 
 
+_monitor_ids = itertools.count()
+
+
+def monitor_address(purpose: str) -> str:
+    """An inproc address for a socket monitor that no other socket of the process uses.
+
+    pyzmq's default names a monitor after the socket's file descriptor, which a socket opened
+    just after another closed can inherit while the old monitor's address is still bound: the
+    new socket then fails with "Address already in use".
+    """
+    return f"inproc://zfabric-{purpose}-{next(_monitor_ids)}"
+
+
 class PeerWatch:
     """Counts a socket's live peers from its monitor events (handshake done minus disconnected),
     and keeps their connections' descriptors.
@@ -498,7 +512,7 @@ class PeerWatch:
     EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED
 
     def __init__(self, sock: zmq.Socket) -> None:
-        self._monitor = sock.get_monitor_socket(self.EVENTS)
+        self._monitor = sock.get_monitor_socket(self.EVENTS, monitor_address("peers"))
         self._monitor.setsockopt(zmq.RCVHWM, 0)
         self._drain_sock: zmq.Socket[bytes] = zmq.Socket.shadow(self._monitor.underlying)
         self.peers = 0

@@ -14,7 +14,6 @@ every new connection.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
@@ -27,6 +26,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from .._logs import Throttled
+from .._socket import monitor_address
 from ..errors import ConfigError
 from .keys import PUBLIC_SUFFIX, KeyPair, load_public
 
@@ -37,7 +37,6 @@ _ZAP_VERSION = b"1.0"
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 _WATCHED = _HANDSHAKE_FAILED | zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-_monitor_ids = itertools.count()
 _SELF_CHECK = b"zfabric-self-check"
 """Request id of the start-up probe (answered like any request, but not counted or logged)."""
 
@@ -184,7 +183,7 @@ class ZapHandler:
 
     def watch(self, server: zmq.Socket, where: str) -> None:
         """Count and log failed handshakes on a CURVE server socket (no key, garbage, a refused key)."""
-        address = f"inproc://zfabric-handshakes-{next(_monitor_ids)}"
+        address = monitor_address("handshakes")
         server.monitor(address, _WATCHED)
         # Connected here, before the server binds, so no event is lost; the handler thread takes the
         # socket over through the queue (a lock-protected hand-over is the memory barrier libzmq asks for).
