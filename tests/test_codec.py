@@ -66,6 +66,22 @@ def test_the_plain_stamp_path_writes_the_same_bytes_as_the_general_one() -> None
         stamp.plain(object(), 1.0)
 
 
+@pytest.mark.parametrize("deadline, headers", [(None, None), (None, {}), (9e9, None), (None, {"k": "v"})])
+def test_stamp_batches_are_what_group_batches_makes_of_encode(deadline: float | None,
+                                                              headers: dict[str, str] | None) -> None:
+    stamp = codec.Stamp(IdSource(b"origin-1"), "orders")
+    twin = codec.Stamp(IdSource(b"origin-1"), "orders")  # the same ids, in the same order
+    bodies = ([{"n": n} for n in range(7)] + [b"x" * codec.INLINE_MAX] + ["y" * 3000] * 5
+              + [b"small", bytearray(b"ba"), memoryview(b"m" * 70_000), None] + [{"n": n} for n in range(12)])
+    got = stamp.batches(bodies, 1_700_000_000.5, deadline, headers, per=5, max_bytes=8000)
+    expected = list(codec.group_batches((twin.encode(b, 1_700_000_000.5, deadline, headers) for b in bodies),
+                                        5, 8000))
+    assert [(envs, [bytes(f) for f in frames]) for envs, frames in got] == \
+        [(envs, [bytes(f) for f in frames]) for envs, frames in expected]
+    assert sum(len(envs) for envs, _ in got) == len(bodies)
+    assert [len(envs) for envs, _ in got] == [5, 2, 1, 3, 4, 1, 5, 5, 3]  # count, size and large-body cuts
+
+
 def test_the_split_stamp_writes_what_encode_split_writes() -> None:
     stamp = codec.Stamp(IdSource(b"origin-1"), "orders")
     for body, deadline, headers in [({"sku": "A-1"}, None, None), (b"raw", 1e9, {"trace": "t"}),

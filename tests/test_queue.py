@@ -213,18 +213,22 @@ def test_a_producer_opens_whatever_monitor_addresses_pyzmq_would_pick_are_taken(
         squat.close(0)
 
 
-def test_send_batch_delivers_every_message_in_order_with_its_own_envelope(face: Face) -> None:
+@pytest.mark.parametrize("headers, ttl", [({"trace": "t-1"}, 60), (None, None)], ids=["headers-ttl", "plain"])
+def test_send_batch_delivers_every_message_in_order_with_its_own_envelope(face: Face, headers: dict[str, str] | None,
+                                                                          ttl: float | None) -> None:
     consumer = face.consumer("tcp://127.0.0.1:0")
     producer = face.producer(consumer.endpoint, send_timeout=10.0)
     producer.wait_for_consumers(1, timeout=10.0)
     bodies: list[Any] = ([{"n": n} for n in range(1200)] + [b"z" * 70_000] + [{"n": n} for n in range(1200, 2500)]
-                         + [b"raw bytes", bytearray(b"array"), "text", None, [1, 2], b"y" * 100_000])
-    sent = producer.send_batch(bodies, headers={"trace": "t-1"}, ttl=60)
+                         + [b"raw bytes", bytearray(b"array"), "text", None, [1, 2], b"y" * 100_000,
+                            memoryview(b"view"), b"w" * codec.INLINE_MAX, {"after": "a large one"}])
+    sent = producer.send_batch(bodies, headers=headers, ttl=ttl)
     assert [e.body for e in sent] == bodies
     got = [consumer.receive(timeout=5.0) for _ in bodies]
-    assert [e.body for e in got] == bodies
+    assert [e.body for e in got] == [bytes(b) if isinstance(b, (bytearray, memoryview)) else b for b in bodies]
     assert [e.id for e in got] == [e.id for e in sent], "each message keeps its own id"
-    assert all(e.headers == {"trace": "t-1"} and e.deadline is not None for e in got)
+    assert [(e.headers, e.deadline is not None) for e in got] == [(headers or {}, ttl is not None)] * len(bodies)
+    assert len({e.id for e in got}) == len(bodies)
     assert consumer.stats.received == len(bodies)
     assert producer.stats.sent == len(bodies)
 

@@ -67,6 +67,7 @@ _NUMBERS = (float, int)
 _unpackb = msgpack.unpackb
 _make_envelope = tuple.__new__  # every field was validated just above; skip NamedTuple's argument parsing
 _RAW_TYPES = (bytes, bytearray, memoryview)
+_RAW_SET = frozenset(_RAW_TYPES)
 Buffer = Any
 """bytes, or any object msgpack can read in place (a memoryview, a received zmq.Frame)."""
 
@@ -444,6 +445,39 @@ class Stamp:
             frames = [b"".join((head, extras, self._packb(payload)))]
         return _make_envelope(Envelope, (head[self._id], self.kind, self.topic, body, None, None, 1, now, deadline,
                                          headers if headers is not None else {}, seq)), frames
+
+
+    def batches(self, bodies: Iterable[Any], now: float, deadline: float | None, headers: Mapping[str, Any] | None,
+                per: int, max_bytes: int) -> list[tuple[list[Envelope], list[Any]]]:
+        """What `group_batches` makes of `encode`'s output for every body, in one loop: (envelopes, frames) per
+        ZeroMQ message, all encoded before the first is sent. Bodies without deadline or headers that are not raw
+        bytes take the `plain` encoder: a send_batch is mostly such bodies."""
+        out: list[tuple[list[Envelope], list[Any]]] = []
+        envs: list[Envelope] = []
+        parts: list[bytes] = []
+        size = 0
+        plain = self.plain if deadline is None and not headers else None
+        for body in bodies:
+            if plain is not None and type(body) not in _RAW_SET:
+                env, message = plain(body, now)
+            else:
+                env, frames = self.encode(body, now, deadline, headers)
+                if len(frames) > 1:  # a large raw body goes alone, uncopied
+                    if envs:
+                        out.append((envs, parts if len(parts) == 1 else join_batch(parts)))
+                        envs, parts, size = [], [], 0
+                    out.append(([env], frames))
+                    continue
+                message = frames[0]
+            envs.append(env)
+            parts.append(message)
+            size += len(message)
+            if len(envs) >= per or size >= max_bytes:
+                out.append((envs, parts if len(parts) == 1 else join_batch(parts)))
+                envs, parts, size = [], [], 0
+        if envs:
+            out.append((envs, parts if len(parts) == 1 else join_batch(parts)))
+        return out
 
 
 def encode_headers(headers: Mapping[str, Any]) -> bytes:

@@ -79,9 +79,7 @@ class _ProducerBase(SocketOwner):
         (each encoded once, as a one-frame message is exactly a batch entry); a large body goes alone. All are
         encoded before the first is sent: a body that cannot be encoded fails the call with nothing sent."""
         now = time.time()
-        deadline = None if ttl is None else now + ttl
-        encode = self._stamp.encode
-        return list(codec.group_batches((encode(body, now, deadline, headers) for body in bodies), BATCH_COUNT, BATCH_BYTES))
+        return self._stamp.batches(bodies, now, None if ttl is None else now + ttl, headers, BATCH_COUNT, BATCH_BYTES)
 
     def _over_inproc(self, count: int) -> bool:
         """True when wait_for_consumers must poll the socket itself for POLLOUT: the monitor sees no inproc:// peers.
