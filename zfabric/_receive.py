@@ -188,7 +188,7 @@ class AsyncInbox(Inbox):
             self._check_open()
         if self._pending:
             return self._pending.popleft()
-        sync = self._sync_sock
+        sync = self._shadow or self._sync_sock
         deadline = None
         while True:
             try:  # what is waiting is received at once, as in the sync face; only waiting goes through the loop

@@ -202,7 +202,10 @@ class AsyncProducer(_ProducerBase):
             self._check_open()
         env, frames = self._encode(body, headers, ttl)
         try:  # what the socket takes now goes at once, without a coroutine per layer (see _asend)
-            send_frames(self._sync_sock, frames, _NOBLOCK)
+            if len(frames) == 1:
+                SEND(self._shadow or self._sync_sock, frames[0], _NOBLOCK)  # the shadow, once made: no property call
+            else:
+                send_frames(self._sync_sock, frames, _NOBLOCK)
         except zmq.Again:
             await self._send(frames, self._timeout(timeout))
         self.stats.sent += 1
