@@ -179,9 +179,10 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) ->
     one to three frames zfabric sends. libzmq queues a multipart message atomically: an
     EAGAIN can only come on the first frame, and then nothing was sent.
     """
-    more = _WITH_MORE.get(flags) or (int(flags) | _SNDMORE)
-    for frame in frames[:-1]:
-        SEND(sock, frame, more)
+    if len(frames) > 1:
+        more = _WITH_MORE.get(flags) or (int(flags) | _SNDMORE)
+        for frame in frames[:-1]:
+            SEND(sock, frame, more)
     last = frames[-1]
     SEND(sock, last, flags, len(last) < ZERO_COPY_MIN)
 

@@ -202,8 +202,8 @@ class AsyncProducer(_ProducerBase):
             self._check_open()
         env, frames = self._encode(body, headers, ttl)
         try:  # what the socket takes now goes at once, without a coroutine per layer (see _asend)
-            if len(frames) == 1:
-                SEND(self._shadow or self._sync_sock, frames[0], _NOBLOCK)  # the shadow, once made: no property call
+            if len(frames) == 1:  # the commonest message, in one compiled send (the shadow, once made: no property)
+                SEND(self._shadow or self._sync_sock, frames[0], _NOBLOCK)
             else:
                 send_frames(self._sync_sock, frames, _NOBLOCK)
         except zmq.Again:

@@ -605,7 +605,7 @@ class Requester(_RequesterBase):
             gen, frames, count = item
             sock = self._sockets.get(gen) or self._sockets[self.flow.generation]
             try:
-                send_frames(sock, frames, zmq.NOBLOCK)
+                send_frames(sock, frames, _NOBLOCK)
             except zmq.Again:
                 return [item, *pending]
             self.stats.sent += count
