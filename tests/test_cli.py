@@ -132,6 +132,19 @@ def test_bad_endpoint_names_the_endpoint() -> None:
     assert re.search(r"endpoint 'tpc://nowhere': expected one of tcp://", result.output)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the inherited peak is a Linux behaviour")
+def test_a_bench_actor_reports_its_own_peak_memory_not_its_parents() -> None:
+    """Linux carries a parent's peak RSS (ru_maxrss) over fork and exec: every actor of the memory row reported
+    the bench process's own peak. Here the parent holds 200 MiB; the child must report its own few dozen."""
+    held = bytearray(200 << 20)
+    held[::4096] = b"\x01" * len(held[::4096])  # touched, so resident
+    done = subprocess.run([sys.executable, "-c", "from zfabric.bench.actors import rss_mb; print(rss_mb())"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 120, f"the child reported {done.stdout.strip()} MiB: its parent's peak"
+    del held
+
+
 def test_bench_quick_completes_and_prints_every_row(tmp_path: Path) -> None:
     """A smoke run of the benchmark: it finishes and reports every figure. Never a timing assertion."""
     out = tmp_path / "bench.json"

@@ -28,9 +28,36 @@ def emit(**fields: Any) -> None:
     sys.stdout.flush()
 
 
+def _status_mb(field: str) -> float | None:
+    """A memory figure of /proc/self/status (Linux), MiB; None elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def rss_mb() -> float:
-    """Peak resident memory of this process, MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process, MiB: VmHWM on Linux. Not ru_maxrss: Linux carries a parent's
+    peak over fork and exec into it, so every actor reported the bench process's own peak (46.5 MiB, all alike)."""
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def reset_peak() -> float | None:
+    """Resident memory now, MiB, with the peak reset to it (Linux: clear_refs 5) so that `rss_mb` then tells
+    the peak of what follows, not of the imports and set-up; None where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return None
+    return _status_mb("VmRSS")
 
 
 def body_of(size: int) -> Any:
@@ -76,6 +103,7 @@ def queue_pull(impl: str, count: int, size: int = 100, slow_every: int = 0, keys
         recv = sock.recv
         unpack = msgpack.unpackb if size <= 1024 else _identity
         unpack(recv())
+        base = reset_peak()
         start = time.perf_counter()
         for n in range(count - 1):
             unpack(recv())
@@ -85,6 +113,7 @@ def queue_pull(impl: str, count: int, size: int = 100, slow_every: int = 0, keys
         sock.close()
         ctx.term()
     elif impl == "zf-async":
+        base = None
         elapsed = asyncio.run(_async_pull(count))
     else:
         from zfabric import Consumer, SocketOptions
@@ -100,13 +129,14 @@ def queue_pull(impl: str, count: int, size: int = 100, slow_every: int = 0, keys
             emit(endpoint=consumer.endpoint)
             receive = consumer.receive
             receive()
+            base = reset_peak()
             start = time.perf_counter()
             for n in range(count - 1):
                 receive()
                 if slow_every and n % slow_every == 0:
                     time.sleep(0.001)
             elapsed = time.perf_counter() - start
-    emit(result={"count": count - 1, "seconds": elapsed, "rss_mb": rss_mb()})
+    emit(result={"count": count - 1, "seconds": elapsed, "rss_mb": rss_mb(), "rss_start_mb": base})
 
 
 async def _async_pull(count: int) -> float:
@@ -149,6 +179,7 @@ def queue_push(impl: str, endpoint: str, count: int, size: int, batch: int = 0, 
             sock.curve_secretkey = client.secret
             sock.curve_publickey = client.public
         sock.connect(endpoint)
+        base = reset_peak()
         send, pack = sock.send, msgpack.packb
         if isinstance(body, bytes):
             copy = len(body) < 65536
@@ -170,6 +201,7 @@ def queue_push(impl: str, endpoint: str, count: int, size: int, batch: int = 0, 
             options = options.replace(curve=Curve(client, server_key=server.public))
         with Producer(endpoint, options=options) as producer:
             producer.wait_for_consumers(1)
+            base = reset_peak()
             if batch:
                 for i in range(0, count, batch):
                     producer.send_batch([body] * min(batch, count - i))
@@ -177,7 +209,7 @@ def queue_push(impl: str, endpoint: str, count: int, size: int, batch: int = 0, 
                 send = producer.send
                 for _ in range(count):
                     send(body)
-    emit(result={"rss_mb": rss_mb()})
+    emit(result={"rss_mb": rss_mb(), "rss_start_mb": base})
 
 
 # -- request-reply and scatter-gather -------------------------------------------------------

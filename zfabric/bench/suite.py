@@ -225,14 +225,24 @@ def reliable_rate(count: int, synchronous: str) -> tuple[float, float]:
     return result["count"] / result["seconds"], result["count"] / result["processed_seconds"]
 
 
-def memory(impl: str, count: int) -> tuple[float, float]:
-    """(producer, consumer) peak RSS MiB moving `count` messages to a consumer that pauses 1 ms every 1,000."""
+def memory(impl: str, count: int) -> dict[str, float | None]:
+    """Peak RSS MiB of producer and consumer moving `count` messages to a consumer that pauses 1 ms every 1,000,
+    and each one's RSS when the messages started (`*_start_mb`; None where the peak cannot be reset)."""
     with procs() as ps:
         pull = ps.spawn("queue-pull", impl=impl, count=count, size=100, slow_every=1000)
         push = ps.spawn("queue-push", impl=impl, endpoint=ps.read(pull, "endpoint"), count=count, size=100)
-        consumer = ps.read(pull, "result", timeout=600)["rss_mb"]
-        producer = ps.read(push, "result", timeout=60)["rss_mb"]
-    return producer, consumer
+        consumer = ps.read(pull, "result", timeout=600)
+        producer = ps.read(push, "result", timeout=60)
+    return {"producer_mb": producer["rss_mb"], "consumer_mb": consumer["rss_mb"],
+            "producer_start_mb": producer.get("rss_start_mb"), "consumer_start_mb": consumer.get("rss_start_mb")}
+
+
+def _memory_note(m: dict[str, float | None]) -> str:
+    """"producer 36 MiB (35 at start), consumer ..." for the memory rows."""
+    def one(side: str) -> str:
+        start = m[f"{side}_start_mb"]
+        return f"{side} {m[f'{side}_mb']:.0f} MiB" + ("" if start is None else f" ({start:.0f} at start)")
+    return f"{one('producer')}, {one('consumer')}"
 
 
 # -- the suite ----------------------------------------------------------------------------
@@ -314,10 +324,9 @@ def run_suite(quick: bool = False, on_row: Callable[[Row], None] | None = None,
                         "msg/s", raw_queue_100, processed, note="the same run"))
     if want("memory"):
         for impl in IMPLS:
-            producer, consumer = memory(impl, plan.memory_count)
+            measured = memory(impl, plan.memory_count)
             add(Row(f"peak RSS moving {plan.memory_count:,} msgs to a slow consumer, {impl}", "MiB", None, None,
-                    note=f"producer {producer:.0f} MiB, consumer {consumer:.0f} MiB",
-                    extra={"producer_mb": producer, "consumer_mb": consumer}))
+                    note=_memory_note(measured), extra=measured))
     return rows
 
 
