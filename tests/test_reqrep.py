@@ -460,6 +460,43 @@ replier.serve()
 """
 
 
+SERVE_THEN_CLOSE = """
+import sys
+from zfabric import Replier
+
+replier = Replier("tcp://127.0.0.1:0", lambda env: env.body)
+print(replier.endpoint, flush=True)
+replier.serve(max_requests=int(sys.argv[1]))
+replier.close()
+"""
+
+
+def test_a_replier_that_closes_right_after_answering_leaves_its_replies_to_a_client_that_reads_them_soon(
+        processes: Processes, ctx: zmq.Context) -> None:
+    """A requester connects with ZMQ_IMMEDIATE, and libzmq then drops what such a connection received but the
+    application has not read yet when the connection goes. A replier that closed at once after its last reply lost
+    every reply its client read 30 ms later; close() now keeps the connections REPLY_GRACE (100 ms) first.
+    The client here is a DEALER set up as Requester sets up its own, so that it can wait before reading."""
+    replier = processes.python("-c", SERVE_THEN_CLOSE, "50")
+    endpoint = processes.wait_line(replier, r"^(tcp://\S+)").group(1)
+    client = ctx.socket(zmq.DEALER)
+    client.linger = 0
+    client.immediate = True
+    client.connect(endpoint)
+    ids = IdSource()
+    requests = [Envelope(ids.next(), Kind.REQUEST, "", n) for n in range(50)]
+    assert client.poll(5000, zmq.POLLOUT), "never connected"
+    for env in requests:
+        client.send_multipart(codec.encode(env))
+    time.sleep(0.03)  # busy elsewhere for a moment, as a client may be
+    replies = []
+    while len(replies) < 50 and client.poll(2000, zmq.POLLIN):
+        replies.append(codec.decode(client.recv_multipart()))
+    assert [r.body for r in replies] == list(range(50)), f"{50 - len(replies)} replies lost"
+    assert [r.correlation_id for r in replies] == [env.id for env in requests]
+    assert replier.wait(10) == 0
+
+
 def test_a_busy_replier_survives_a_client_that_goes_away(processes: Processes) -> None:
     """A replier whose queue is full (its handler is busy) while a client sends thousands of requests and then
     closes must keep running and answer the next client. With ZMTP heartbeats, libzmq 4.3.5 aborted the whole
