@@ -460,7 +460,8 @@ replier.serve()
 """
 
 
-SERVE_THEN_CLOSE = """
+SERVE_THEN_CLOSE = {
+    "sync": """
 import sys
 from zfabric import Replier
 
@@ -468,16 +469,29 @@ replier = Replier("tcp://127.0.0.1:0", lambda env: env.body)
 print(replier.endpoint, flush=True)
 replier.serve(max_requests=int(sys.argv[1]))
 replier.close()
-"""
+""",
+    "asyncio": """
+import asyncio, sys
+from zfabric import AsyncReplier
+
+async def main():
+    async with AsyncReplier("tcp://127.0.0.1:0", lambda env: env.body) as replier:
+        print(replier.endpoint, flush=True)
+        await replier.serve(max_requests=int(sys.argv[1]))
+
+asyncio.run(main())
+""",
+}
 
 
+@pytest.mark.parametrize("server", ["sync", "asyncio"])
 def test_a_replier_that_closes_right_after_answering_leaves_its_replies_to_a_client_that_reads_them_soon(
-        processes: Processes, ctx: zmq.Context) -> None:
+        processes: Processes, ctx: zmq.Context, server: str) -> None:
     """A requester connects with ZMQ_IMMEDIATE, and libzmq then drops what such a connection received but the
     application has not read yet when the connection goes. A replier that closed at once after its last reply lost
     every reply its client read 30 ms later; close() now keeps the connections REPLY_GRACE (100 ms) first.
     The client here is a DEALER set up as Requester sets up its own, so that it can wait before reading."""
-    replier = processes.python("-c", SERVE_THEN_CLOSE, "50")
+    replier = processes.python("-c", SERVE_THEN_CLOSE[server], "50")
     endpoint = processes.wait_line(replier, r"^(tcp://\S+)").group(1)
     client = ctx.socket(zmq.DEALER)
     client.linger = 0
