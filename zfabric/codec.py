@@ -84,6 +84,11 @@ def _unpack_body(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_refuse_ext, use_list=True)
 
 
+def unencodable_body(body: Any, exc: Exception) -> EncodeError:
+    """The error for a body msgpack could not encode (`exc` says why)."""
+    return EncodeError(f"body of type {type(body).__name__} is not msgpack-serializable: {exc}")
+
+
 def encode_body(body: Any) -> tuple[int, Any]:
     """(format, frame) for a body: raw bytes travel as they are, anything else as msgpack."""
     if isinstance(body, _RAW_TYPES):
@@ -91,7 +96,7 @@ def encode_body(body: Any) -> tuple[int, Any]:
     try:
         return BODY_MSGPACK, msgpack.packb(body)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise EncodeError(f"body of type {type(body).__name__} is not msgpack-serializable: {exc}") from exc
+        raise unencodable_body(body, exc) from exc
 
 
 def encode_header(env: Envelope, body_format: int) -> bytes:
@@ -412,7 +417,7 @@ class Stamp:
             try:
                 payload = packb(body)
             except (TypeError, ValueError, OverflowError) as exc:
-                raise EncodeError(f"body of type {type(body).__name__} is not msgpack-serializable: {exc}") from exc
+                raise unencodable_body(body, exc) from exc
             return make(Envelope, (head[id_], kind, topic, body, None, None, 1, now, None, {}, None)), head + tail + payload
 
         return plain
@@ -433,7 +438,7 @@ class Stamp:
             try:
                 payload = self._packb(body)
             except (TypeError, ValueError, OverflowError) as exc:
-                raise EncodeError(f"body of type {type(body).__name__} is not msgpack-serializable: {exc}") from exc
+                raise unencodable_body(body, exc) from exc
         head = self._pack(self._pre13 if inline else self._pre12, self._next(), self._mid, now)
         if deadline is None and not headers:
             extras = _NO_EXTRAS[fmt] if seq is None else _SEQ_ONLY(b"\xc0\x80\xcf", seq, fmt)
@@ -455,7 +460,6 @@ class Stamp:
         return _make_envelope(Envelope, (head[self._id], self.kind, self.topic, body, None, None, 1, now, deadline,
                                          headers if headers is not None else {}, seq)), frames
 
-
     def batches(self, bodies: Iterable[Any], now: float, deadline: float | None, headers: Mapping[str, Any] | None,
                 per: int, max_bytes: int) -> list[tuple[list[Envelope], list[Any]]]:
         """What `group_batches` makes of `encode`'s output for every body, in one loop: (envelopes, frames) per
@@ -475,10 +479,10 @@ class Stamp:
                 try:
                     payload = packb(body)
                 except (TypeError, ValueError, OverflowError) as exc:
-                    raise EncodeError(f"body of type {type(body).__name__} is not msgpack-serializable: {exc}") from exc
+                    raise unencodable_body(body, exc) from exc
                 envs.append(make(Envelope, (head[id_], kind, topic, body, None, None, 1, now, None, {}, None)))
                 pieces += (head, tail, payload)
-                size += len(head) + len(payload)
+                size += len(head) + len(tail) + len(payload)
             else:
                 env, frames = self.encode(body, now, deadline, headers)
                 if len(frames) > 1:  # a large raw body goes alone, uncopied
