@@ -82,6 +82,25 @@ def test_stamp_batches_are_what_group_batches_makes_of_encode(deadline: float | 
     assert [len(envs) for envs, _ in got] == [5, 2, 1, 3, 4, 1, 5, 5, 3]  # count, size and large-body cuts
 
 
+_batch_bodies = st.lists(st.one_of(
+    st.dictionaries(st.text(max_size=5), st.integers(-(2**63), 2**64 - 1), max_size=3), st.text(max_size=400), st.none(),
+    st.binary(max_size=300), st.sampled_from([b"L" * codec.INLINE_MAX, bytearray(b"ba"), b"B" * 70_000])),
+    max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(bodies=_batch_bodies, per=st.integers(1, 8), max_bytes=st.integers(1, 3000),
+       deadline=st.sampled_from([None, 1e9]), headers=st.sampled_from([None, {}, {"k": "v"}]))
+def test_stamp_batches_cut_exactly_where_group_batches_does(bodies: list[object], per: int, max_bytes: int,
+                                                            deadline: float | None, headers: dict[str, str] | None) -> None:
+    stamp = codec.Stamp(IdSource(b"origin-1"), "orders")
+    twin = codec.Stamp(IdSource(b"origin-1"), "orders")
+    got = stamp.batches(bodies, 2.5, deadline, headers, per, max_bytes)
+    expected = codec.group_batches((twin.encode(b, 2.5, deadline, headers) for b in bodies), per, max_bytes)
+    assert [(envs, [bytes(f) for f in frames]) for envs, frames in got] == \
+        [(envs, [bytes(f) for f in frames]) for envs, frames in expected]
+
+
 def test_the_split_stamp_writes_what_encode_split_writes() -> None:
     stamp = codec.Stamp(IdSource(b"origin-1"), "orders")
     for body, deadline, headers in [({"sku": "A-1"}, None, None), (b"raw", 1e9, {"trace": "t"}),
