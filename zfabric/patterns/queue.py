@@ -2,7 +2,9 @@
 
 At-most-once and fast: ZeroMQ acknowledges nothing, so a consumer killed with messages
 in its buffers loses them. Back-pressure is real: when every consumer's queue is full
-(high-water mark), `send` blocks, or raises SendTimeout after the timeout given; nothing
+(high-water mark), the sync `Producer` takes up to BACKLOG_MAX more small messages into
+its backlog, sent as batches as the consumers catch up (_backlog.py); beyond that, or
+for large messages, `send` blocks, or raises SendTimeout after the timeout given; nothing
 is dropped silently. Either side may bind; by default consumers bind and producers connect.
 """
 
@@ -23,6 +25,7 @@ from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource
 from ..errors import ConfigError, ReadyTimeout, SendTimeout
 from ..options import UNSET, SocketOptions, Unset
+from ._backlog import BACKLOG_SMALL, Backlog, log
 
 _RAW = frozenset({bytes, bytearray, memoryview})
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -34,9 +37,16 @@ BATCH_BYTES = 1 << 20
 
 @dataclass
 class ProducerCounters(Counters):
-    """Producer counters: `sent` plus sends that timed out under back-pressure."""
+    """Producer counters: `sent` (handed to ZeroMQ or to the backlog), sends that timed out under
+    back-pressure, and what the backlog did."""
 
     send_timeouts: int = 0
+    backlogged: int = 0
+    """Messages that waited in the backlog because every consumer's queue was full."""
+    batches_sent: int = 0
+    """ZeroMQ messages the backlog sent carrying several messages."""
+    backlog_dropped: int = 0
+    """Backlog messages dropped at close because the linger ran out."""
 
 
 class _ProducerBase(SocketOwner):
@@ -47,6 +57,8 @@ class _ProducerBase(SocketOwner):
     _watch_peers = True
     _hand_over = True
     _peers: PeerWatch
+    _backlog: Backlog
+    """The sync face's backlog (the asyncio face has none)."""
 
     def __init__(
         self,
@@ -64,6 +76,8 @@ class _ProducerBase(SocketOwner):
         self.stats = ProducerCounters()
         self._ids = IdSource()
         self._stamp = codec.Stamp(self._ids, queue)
+        if not self._asyncio:
+            self._backlog = Backlog(self._sock, self._who, self.stats)
 
     def _encode(self, body: Any, headers: Mapping[str, Any] | None, ttl: float | None) -> tuple[Envelope, list[Any]]:
         """A new message's envelope and frames, encoded in one pass (the per-message hot path)."""
@@ -103,7 +117,11 @@ class _ProducerBase(SocketOwner):
 
 
 class Producer(_ProducerBase):
-    """Sends messages to consumers, one consumer per message, round-robin."""
+    """Sends messages to consumers, one consumer per message, round-robin.
+
+    While every consumer's queue is full, small messages wait in a bounded backlog that a
+    thread sends as batches once there is room (see _backlog.py): same messages, same order.
+    """
 
     def send(self, body: Any, *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
              timeout: float | None | Unset = UNSET) -> Envelope:
@@ -111,13 +129,25 @@ class Producer(_ProducerBase):
         if self._closed:
             self._check_open()
         limit = self.send_timeout if timeout is UNSET else timeout
-        if limit is None and headers is None and ttl is None and type(body) not in _RAW:
-            # _encode's plain case, inlined: no frame list, no second call, on the hottest path
+        if headers is None and ttl is None and type(body) not in _RAW:
+            # _encode's plain case, and _send's common cases, inlined: the hottest path
             env, message = self._stamp.plain(body, time.time())
-            SEND(self._sock, message)
+            backlog = self._backlog
+            with backlog.lock:
+                if not backlog.active:
+                    try:  # blocking when a full queue leaves nothing else to do (a large message, no timeout)
+                        SEND(self._sock, message, 0 if limit is None and len(message) > BACKLOG_SMALL else _NOBLOCK)
+                        self.stats.sent += 1
+                        return env
+                    except zmq.Again:
+                        pass
+                elif backlog.take(message):  # behind the backlog, which has room
+                    self.stats.sent += 1
+                    return env
+            frames = [message]
         else:
             env, frames = self._encode(body, headers, ttl)
-            self._send(frames, limit)  # type: ignore[arg-type]
+        self._send(frames, limit, may_backlog=True)  # type: ignore[arg-type]
         self.stats.sent += 1
         return env
 
@@ -127,7 +157,28 @@ class Producer(_ProducerBase):
         self._send(codec.encode(env), self._timeout(timeout))
         self.stats.sent += 1
 
-    def _send(self, frames: list[Any], timeout: float | None) -> None:
+    def _send(self, frames: list[Any], timeout: float | None, *, may_backlog: bool = False) -> None:
+        """Send one message, in order: behind the backlog while it holds anything; else at once; else, when every
+        queue is full, a small message (`may_backlog`) into the backlog if a consumer is connected; else
+        blocking, as long as `timeout` allows."""
+        backlog = self._backlog
+        with backlog.lock:
+            if backlog.active:
+                if not backlog.put(frames, timeout):
+                    raise self._timed_out(timeout)  # type: ignore[arg-type]
+                return
+            if may_backlog and len(frames) == 1 and len(frames[0]) <= BACKLOG_SMALL:
+                try:
+                    SEND(self._sock, frames[0], _NOBLOCK)
+                    return
+                except zmq.Again:
+                    if self._peers.drain() > 0:  # not with no consumer at all: that blocks, or times out
+                        if not backlog.put(frames, timeout):
+                            raise self._timed_out(timeout) from None  # type: ignore[arg-type]
+                        return
+            self._send_blocking(frames, timeout)
+
+    def _send_blocking(self, frames: list[Any], timeout: float | None) -> None:
         sock = self._sock
         if timeout is None:
             send_frames(sock, frames)
@@ -135,7 +186,7 @@ class Producer(_ProducerBase):
         deadline = time.monotonic() + timeout
         while True:
             try:
-                send_frames(sock, frames, zmq.NOBLOCK)
+                send_frames(sock, frames, _NOBLOCK)
                 return
             except zmq.Again:
                 if not sock.poll(_remaining_ms(deadline), zmq.POLLOUT):
@@ -176,6 +227,21 @@ class Producer(_ProducerBase):
             exc.sent = sent
             raise
         return sent
+
+    def close(self, linger_ms: int | None = None) -> None:
+        """Send what the backlog holds (within the linger), then close as every socket owner does."""
+        if not self._closed:
+            linger = self.options.linger_ms if linger_ms is None else linger_ms
+            started = time.monotonic()
+            dropped = self._backlog.close(None if linger < 0 else linger / 1000)
+            if dropped:
+                log.warning("%s closed after its whole linger of %d ms: %d message(s) of its backlog were never sent, "
+                            "and what ZeroMQ still queued was dropped (consumers slow or gone); raise "
+                            "SocketOptions.linger_ms to wait longer", self._who, linger, dropped)
+                linger_ms = 0
+            else:
+                linger_ms = linger if linger <= 0 else max(0, linger - int((time.monotonic() - started) * 1000))
+        super().close(linger_ms)
 
     def wait_for_consumers(self, count: int = 1, timeout: float = 10.0) -> int:
         """Block until `count` consumers are connected, so a burst is spread over all of them."""

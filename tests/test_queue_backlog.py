@@ -1,0 +1,148 @@
+"""A producer ahead of its consumers: small messages wait in a bounded backlog and go out as batches,
+every one delivered, in order; close() sends the backlog within the linger or says what it dropped."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from zfabric import Consumer, Producer, ReceiveTimeout, SendTimeout, SocketOptions
+from zfabric.patterns._backlog import BACKLOG_MAX
+
+from .conftest import Processes
+
+SMALL = SocketOptions(send_hwm=5, receive_hwm=5)
+
+
+def fill(producer: Producer, limit: int = 2_000_000) -> int:
+    """Send {"n": 0}, {"n": 1}, ... with a short timeout until the queue and the backlog are full; how many went."""
+    sent = 0
+    with pytest.raises(SendTimeout, match="queue full"):
+        while sent < limit:
+            producer.send({"n": sent}, timeout=0.2)
+            sent += 1
+    return sent
+
+
+def backlog_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("zfabric-backlog")]
+
+
+def test_small_messages_wait_in_the_backlog_and_arrive_batched_complete_and_in_order() -> None:
+    with Consumer("tcp://127.0.0.1:0", options=SMALL) as consumer:  # reads nothing until the producer is full
+        with Producer(consumer.endpoint, options=SMALL) as producer:
+            producer.wait_for_consumers(1, timeout=10)
+            sent = fill(producer)
+            assert producer.stats.send_timeouts == 1
+            assert producer.stats.sent == sent
+            got = [consumer.receive(timeout=5).body["n"] for _ in range(sent)]
+            assert got == list(range(sent))
+            with pytest.raises(ReceiveTimeout):
+                consumer.receive(timeout=0.2)
+            # The backlog was full when send timed out: those messages all went through it, in batches.
+            assert producer.stats.backlogged >= BACKLOG_MAX
+            assert producer.stats.batches_sent >= BACKLOG_MAX // 64
+            assert producer.stats.backlog_dropped == 0
+    assert backlog_threads() == []
+
+
+def test_messages_of_every_shape_keep_their_order_and_content_behind_the_backlog() -> None:
+    blob = bytes(range(256)) * 400  # 100 KiB of raw bytes: its own frame, never batched nor copied
+    text = "é" * 3000  # a 6 KB string: one frame, too large to batch
+    with Consumer("tcp://127.0.0.1:0", options=SMALL) as consumer:
+        with Producer(consumer.endpoint, options=SMALL) as producer:
+            producer.wait_for_consumers(1, timeout=10)
+            sent = fill(producer)
+            got: list[Any] = []
+            reader = threading.Thread(target=lambda: got.extend(consumer.receive(timeout=10) for _ in range(sent + 400)))
+            reader.start()
+            expected = []
+            for i in range(100):
+                producer.send({"tail": i}, timeout=10)
+                producer.send(blob, headers={"i": i}, timeout=10)
+                producer.send(text, ttl=60, timeout=10)
+                producer.send({"tail": i, "h": True}, headers={"trace": str(i)}, timeout=10)
+                expected += [{"tail": i}, blob, text, {"tail": i, "h": True}]
+            reader.join(30)
+            assert not reader.is_alive()
+    assert [env.body["n"] for env in got[:sent]] == list(range(sent))
+    assert [env.body for env in got[sent:]] == expected
+    assert [env.headers for env in got[sent + 1::4]] == [{"i": i} for i in range(100)]
+    assert [env.headers for env in got[sent + 3::4]] == [{"trace": str(i)} for i in range(100)]
+
+
+def test_close_sends_the_backlog_before_closing() -> None:
+    with Consumer("tcp://127.0.0.1:0", options=SMALL) as consumer:
+        producer = Producer(consumer.endpoint, options=SMALL.replace(linger_ms=30_000))
+        producer.wait_for_consumers(1, timeout=10)
+        sent = fill(producer)
+        got: list[int] = []
+        reader = threading.Thread(target=lambda: got.extend(consumer.receive(timeout=10).body["n"] for _ in range(sent)))
+        reader.start()
+        producer.close()  # returns once the backlog went out (the reader drains meanwhile)
+        reader.join(30)
+        assert got == list(range(sent))
+        assert producer.stats.backlog_dropped == 0
+    assert backlog_threads() == []
+
+
+def test_a_close_whose_linger_runs_out_counts_and_logs_the_backlog_it_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    with Consumer("tcp://127.0.0.1:0", options=SMALL) as consumer:  # never reads
+        producer = Producer(consumer.endpoint, options=SMALL.replace(linger_ms=300))
+        producer.wait_for_consumers(1, timeout=10)
+        fill(producer)
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="zfabric"):
+            producer.close()
+        assert time.monotonic() - start < 3
+        dropped = producer.stats.backlog_dropped
+        assert dropped >= BACKLOG_MAX  # the full backlog, and what the flusher had taken out but not sent
+        assert f"closed after its whole linger of 300 ms: {dropped} message(s) of its backlog were never sent" \
+            in caplog.text
+    assert backlog_threads() == []
+
+
+def test_the_backlog_outlives_a_killed_consumer_and_goes_to_the_next(processes: Processes) -> None:
+    """A consumer killed with -9 loses what it held (at-most-once); what waited in the producer's backlog
+    was never on that connection, and arrives at the consumer that takes its place, in order."""
+    stuck = processes.python("-c", (
+        "import time, zmq\n"
+        "s = zmq.Context().socket(zmq.PULL)\n"
+        "s.rcvhwm = 5\n"
+        "s.bind('tcp://127.0.0.1:0')\n"
+        "print(s.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)\n"
+        "time.sleep(120)\n"))
+    endpoint = processes.wait_line(stuck, r"tcp://\S+").group(0)
+    with Producer(endpoint, options=SMALL) as producer:
+        producer.wait_for_consumers(1, timeout=10)
+        sent = fill(producer)
+        stuck.kill()
+        stuck.wait(10)
+        with Consumer(endpoint, options=SMALL) as successor:  # same address: the producer reconnects to it
+            got = []
+            while True:
+                try:
+                    got.append(successor.receive(timeout=3).body["n"])
+                except ReceiveTimeout:
+                    break
+            producer.send({"n": sent}, timeout=10)  # and the queue goes on
+            got.append(successor.receive(timeout=10).body["n"])
+    # The killed consumer's share is gone; from there on nothing is missing, and the backlog is all there.
+    assert got == list(range(got[0], sent + 1))
+    assert got[0] <= sent - BACKLOG_MAX
+
+
+def test_no_backlog_without_a_consumer() -> None:
+    """With no consumer at all, a send blocks or times out, as the queue promises; nothing is parked."""
+    with Consumer("tcp://127.0.0.1:0") as gone:
+        endpoint = gone.endpoint
+    with Producer(endpoint) as producer:
+        for _ in range(3):
+            with pytest.raises(SendTimeout):
+                producer.send({"n": 1}, timeout=0.2)
+        assert producer.stats.backlogged == 0 and producer.stats.sent == 0
+
