@@ -579,3 +579,45 @@ def test_closing_a_replier_whose_handler_still_runs_ends_cleanly(monkeypatch: py
     assert not replier._thread.is_alive()
     assert errors == []
     assert replier.stats.undeliverable == 1
+
+
+def _first_call_waits(delay: float):  # noqa: ANN202 - a handler factory
+    """A handler whose first call sleeps `delay`, so that the requests sent meanwhile wait together."""
+    first = threading.Event()
+
+    def handler(env: Envelope) -> Any:
+        if not first.is_set():
+            first.set()
+            time.sleep(delay)
+        return {"n": env.body, "double": env.body * 2}
+
+    return handler
+
+
+def test_requests_that_waited_together_are_answered_in_batches_to_a_requester_that_takes_them(face: Face) -> None:
+    """The sync Replier gathers; the requester of either face takes the batches."""
+    from zfabric import Replier
+
+    with Replier("tcp://127.0.0.1:0", _first_call_waits(0.2)).start() as replier:
+        requester = face.requester(replier.endpoint, timeout=10.0, retries=0)
+        assert requester.request_many(list(range(300)), batch=1) == [{"n": n, "double": 2 * n} for n in range(300)]
+        assert replier.stats.replies == replier.stats.sent == 300
+        assert replier.stats.reply_batches >= 300 // 64  # what waited behind the slow first call went in batches
+        assert requester.stats.replies == 300 and requester.stats.stray_replies == 0
+
+
+def test_a_client_that_does_not_say_it_takes_batches_gets_one_reply_per_message(sync_face: Face, ctx: zmq.Context) -> None:
+    """A foreign DEALER (or REQ) pipelining single requests must not be sent batches it may not decode."""
+    replier = sync_face.replier("tcp://127.0.0.1:0", _first_call_waits(0.2))
+    raw = ctx.socket(zmq.DEALER)
+    raw.connect(replier.endpoint)
+    ids = IdSource()
+    sent = [Envelope(ids.next(), Kind.REQUEST, "", n, created_at=time.time()) for n in range(100)]
+    for env in sent:
+        raw.send_multipart([bytes(f) for f in codec.encode(env)])
+    replies = []
+    while len(replies) < 100 and raw.poll(5000, zmq.POLLIN):
+        replies.append(codec.decode(raw.recv_multipart()))  # codec.decode refuses a batch
+    assert [r.correlation_id for r in replies] == [e.id for e in sent]
+    assert [r.body for r in replies] == [{"n": n, "double": 2 * n} for n in range(100)]
+    assert replier.stats.reply_batches == 0
