@@ -68,9 +68,6 @@ class Backlog:
         self._give_up_at: float | None = None  # set by close(): the flusher drops what it could not send by then
         self._thread: threading.Thread | None = None
 
-    def __len__(self) -> int:
-        return len(self._waiting)
-
     def take(self, message: bytes) -> bool:
         """Add a small one-frame message behind an active backlog if there is room now (holding `lock`).
         (Not counted in bytes: BACKLOG_MAX of them hold at most BACKLOG_MAX * BACKLOG_SMALL.)"""
@@ -136,6 +133,8 @@ class Backlog:
         if not mixed:  # all small: BACKLOG_BATCH_BYTES by their average size
             per = max(1, min(BACKLOG_BATCH, BACKLOG_BATCH_BYTES * n // max(1, sum(map(len, items)))))
         while i < n:
+            if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
+                return n - i  # close() is waiting for this thread, past the linger
             if mixed:
                 j, size = i, 0
                 while j < n and j - i < BACKLOG_BATCH and size < BACKLOG_BATCH_BYTES:
@@ -180,7 +179,9 @@ class Backlog:
                 if left is not None and left <= 0:
                     break
                 self._changed.wait(left)
-        thread.join(1 + _POLL_MS / 1000)
+        thread.join(5)  # past the deadline it stops within one send or poll (_POLL_MS)
+        if thread.is_alive():  # not seen: it would have to hang inside one non-blocking send
+            log.error("%s: its backlog thread did not stop within 5 s of the linger", self._who)
         with self.lock:
             if self._waiting:  # the flusher stopped (or never got to them): they are dropped
                 self._stats.backlog_dropped += len(self._waiting)
