@@ -49,9 +49,10 @@ _POLLOUT = int(zmq.POLLOUT)
 class Backlog:
     """Messages accepted but not yet handed to the socket, and the thread that sends them.
 
-    The owner sends through the socket itself only while holding `lock` and finding `active` False;
-    otherwise it calls `take` or `put` (holding `lock`). Each message is kept as its one frame (bytes),
-    or as its list of frames.
+    The owner sends through the socket itself only while `active` is False; otherwise it calls `take` or
+    `put`, holding `lock`. Only the owner's own `put` turns `active` on, so the owner may read it without
+    the lock: off, it stays off, and the flusher has finished with the socket. Each message is kept as
+    its one frame (bytes), or as its list of frames.
     """
 
     def __init__(self, sock: zmq.Socket[Any], who: str, stats: Any) -> None:

@@ -133,15 +133,17 @@ class Producer(_ProducerBase):
             # _encode's plain case, and _send's common cases, inlined: the hottest path
             env, message = self._stamp.plain(body, time.time())
             backlog = self._backlog
-            with backlog.lock:
-                if not backlog.active:
-                    try:  # blocking when a full queue leaves nothing else to do (a large message, no timeout)
-                        SEND(self._sock, message, 0 if limit is None and len(message) > BACKLOG_SMALL else _NOBLOCK)
-                        self.stats.sent += 1
-                        return env
-                    except zmq.Again:
-                        pass
-                elif backlog.take(message):  # behind the backlog, which has room
+            if not backlog.active:  # (see _send: off, it stays off, and the socket is this thread's)
+                try:  # blocking when a full queue leaves nothing else to do (a large message, no timeout)
+                    SEND(self._sock, message, 0 if limit is None and len(message) > BACKLOG_SMALL else _NOBLOCK)
+                    self.stats.sent += 1
+                    return env
+                except zmq.Again:
+                    pass
+            else:
+                with backlog.lock:
+                    taken = backlog.active and backlog.take(message)  # behind the backlog, if it has room
+                if taken:
                     self.stats.sent += 1
                     return env
             frames = [message]
@@ -162,21 +164,26 @@ class Producer(_ProducerBase):
         queue is full, a small message (`may_backlog`) into the backlog if a consumer is connected; else
         blocking, as long as `timeout` allows."""
         backlog = self._backlog
-        with backlog.lock:
-            if backlog.active:
-                if not backlog.put(frames, timeout):
-                    raise self._timed_out(timeout)  # type: ignore[arg-type]
-                return
-            if may_backlog and len(frames) == 1 and len(frames[0]) <= BACKLOG_SMALL:
-                try:
-                    SEND(self._sock, frames[0], _NOBLOCK)
+        if backlog.active:
+            with backlog.lock:
+                if backlog.active:  # still (the flusher may have emptied it meanwhile)
+                    if not backlog.put(frames, timeout):
+                        raise self._timed_out(timeout)  # type: ignore[arg-type]
                     return
-                except zmq.Again:
-                    if self._peers.drain() > 0:  # not with no consumer at all: that blocks, or times out
-                        if not backlog.put(frames, timeout):
-                            raise self._timed_out(timeout) from None  # type: ignore[arg-type]
-                        return
-            self._send_blocking(frames, timeout)
+        # The backlog is off. Only this thread's put turns it on, so it stays off, and the flusher has
+        # finished with the socket: no lock is needed to use it.
+        if may_backlog and len(frames) == 1 and len(frames[0]) <= BACKLOG_SMALL:
+            try:
+                SEND(self._sock, frames[0], _NOBLOCK)
+                return
+            except zmq.Again:
+                if self._peers.drain() > 0:  # not with no consumer at all: that blocks, or times out
+                    with backlog.lock:
+                        taken = backlog.put(frames, timeout)
+                    if not taken:
+                        raise self._timed_out(timeout) from None  # type: ignore[arg-type]
+                    return
+        self._send_blocking(frames, timeout)
 
     def _send_blocking(self, frames: list[Any], timeout: float | None) -> None:
         sock = self._sock
