@@ -1,7 +1,7 @@
 """A producer's backlog: small messages taken in while every consumer's queue is full, sent as batches.
 
 A consumer that falls behind spends its time receiving ZeroMQ messages one by one: about 2 us each in
-Python, against about 0.5 us per message of a batch. So once `Producer.send` finds every consumer's queue
+Python, against about 0.9 us per message of a batch. So once `Producer.send` finds every consumer's queue
 full, it keeps taking small messages into this bounded backlog and returns, and a flusher thread sends
 them, up to BACKLOG_BATCH to a ZeroMQ message, as soon as the socket takes more. Consumers receive the
 same messages in the same order; only the framing differs. A producer that keeps up never uses it: each
