@@ -54,6 +54,17 @@ def test_stamp_encodes_what_the_generic_encoder_would_decode_to() -> None:
     assert codec.decode_published([b"sales", *codec.encode(published)]) == published
 
 
+def test_an_inline_raw_body_is_written_as_the_generic_encoder_writes_it() -> None:
+    """Stamp writes the bin header itself (one copy of the body): the bytes must be msgpack's, at every size."""
+    stamp = codec.Stamp(IdSource(b"origin-1"), "orders")
+    for n in (0, 1, 255, 256, 4096, codec.INLINE_MAX - 1):
+        for body in (b"r" * n, bytearray(b"a" * n), memoryview(b"m" * n)):
+            env, frames = stamp.encode(body, 1_700_000_000.5, None, {"k": n} if n % 2 else None)
+            assert len(frames) == 1
+            assert [bytes(f) for f in codec.encode(env)] == [bytes(frames[0])]
+            assert codec.decode(frames).body == bytes(body)
+
+
 def test_the_plain_stamp_path_writes_the_same_bytes_as_the_general_one() -> None:
     stamp = codec.Stamp(IdSource(b"origin-1"), "orders")
     twin = codec.Stamp(IdSource(b"origin-1"), "orders")  # the same ids, in the same order

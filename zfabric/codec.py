@@ -378,6 +378,9 @@ _U64 = struct.Struct(">BQ").pack
 _SEQ_ONLY = struct.Struct(">3sQB").pack
 """Header elements 8-11 of a published message without deadline or headers: nil, {}, uint64 seq, format."""
 _DEADLINE_ONLY = struct.Struct(">BdBBB").pack
+"""Header elements 8-11 with a deadline and nothing else: float64 deadline, {}, nil, format."""
+_NO_EXTRAS = {fmt: bytes((0xC0, 0x80, 0xC0, fmt)) for fmt in (BODY_MSGPACK, BODY_RAW)}
+"""Header elements 8-11 with no deadline, no headers and no seq: nil, {}, nil, format."""
 _BIN8 = struct.Struct(">BB").pack
 _BIN16 = struct.Struct(">BH").pack
 _BIN32 = struct.Struct(">BI").pack
@@ -386,9 +389,6 @@ _BIN32 = struct.Struct(">BI").pack
 def _bin_header(n: int) -> bytes:
     """msgpack's bin header for `n` bytes: what packb(bytes) puts before them, without copying them twice."""
     return _BIN8(0xC4, n) if n < 1 << 8 else _BIN16(0xC5, n) if n < 1 << 16 else _BIN32(0xC6, n)
-"""Header elements 8-11 with a deadline and nothing else: float64 deadline, {}, nil, format."""
-_NO_EXTRAS = {fmt: bytes((0xC0, 0x80, 0xC0, fmt)) for fmt in (BODY_MSGPACK, BODY_RAW)}
-"""Header elements 8-11 with no deadline, no headers and no seq: nil, {}, nil, format."""
 
 
 class Stamp:

@@ -98,6 +98,8 @@ IDLE_SKIP = 7
 def batch_taking_id() -> bytes:
     """A fresh routing id for a requester socket that accepts batches of replies (TAKES_BATCHES)."""
     return TAKES_BATCHES + os.urandom(12)
+
+
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _decode_message = codec.decode_message
@@ -304,7 +306,7 @@ class Replier(_ReplierBase):
     def answer_waiting(self, limit: int = GATHER_MAX, checked: bool = False) -> int:
         """Answer the messages already waiting (at most `limit`; `checked`: with their senders' key names), the
         replies to one requester that takes batches (TAKES_BATCHES) gathered into batches; how many messages
-        were handled (0: none was waiting). Under load this halves what a reply costs both sides."""
+        were handled (0: none was waiting). Under load both sides then handle one ZeroMQ message for many replies."""
         receive = recv_frames_with_user if checked else recv_frames
         gathered: dict[bytes, list[bytes]] = {}
         since = time.monotonic()
@@ -353,7 +355,7 @@ class Replier(_ReplierBase):
                     frames, who = recv_frames_with_user(sock) if checked else (recv_frames(sock), None)
                 except zmq.Again:
                     continue
-                handled += self.handle_one(frames, who) or 1  # answered at once: one request at a time waits not
+                handled += self.handle_one(frames, who) or 1  # at once: a lone request never waits for others
                 if skip or self._stop.is_set():  # stopped: close() may have closed the socket under the handler
                     skip = max(0, skip - 1)
                     continue
