@@ -525,11 +525,11 @@ class _RequesterBase:
         self.flow.submit(env, t, r, time.monotonic())
         return env, frames
 
-    def _outgoing(self, bodies: Sequence[Any], headers: Mapping[str, Any] | None, t: float, r: int, per: int, *,
-                  track: Callable[[bytes, int], None], failed: Callable[[int, EncodeError], None],
-                  ) -> Iterator[tuple[list[Any], int]]:
-        """(frames, request count) of the messages that carry a request per body, `per` to a message, each
-        yielded as soon as it is complete so that the first goes out before the rest are built. Each request
+    def _outgoing(self, bodies: Sequence[Any], headers: Mapping[str, Any] | None, t: float, r: int, per: int,
+                  generation: int, *, track: Callable[[bytes, int], None],
+                  failed: Callable[[int, EncodeError], None]) -> Iterator[tuple[int, list[Any], int]]:
+        """(generation, frames, request count) of the messages that carry a request per body, `per` to a message,
+        each yielded as soon as it is complete so that the first goes out before the rest are built. Each request
         is put in flight (`track(id, index)`) as it is encoded; a body that cannot be encoded goes to
         `failed(index, error)` instead, and only it fails."""
         prepare = self._prepare
@@ -545,8 +545,8 @@ class _RequesterBase:
                 yield env, frames
 
         if per == 1:  # a message per request: nothing to group
-            return ((frames, 1) for _, frames in encoded())
-        return ((frames, len(group)) for group, frames in codec.group_batches(encoded(), per, BATCH_BYTES))
+            return ((generation, frames, 1) for _, frames in encoded())
+        return ((generation, frames, len(group)) for group, frames in codec.group_batches(encoded(), per, BATCH_BYTES))
 
     def _decode_replies(self, frames: list[bytes]) -> list[tuple[bytes, Any]]:
         """(request id, outcome) of each reply to a pending request in one received message (a reply or a batch)."""
@@ -662,9 +662,8 @@ class Requester(_RequesterBase):
         per = self._batch_size(len(bodies), batch)
         results: list[Any] = [None] * len(bodies)
         order: dict[bytes, int] = {}
-        generation = self.flow.generation
-        self._collect(((generation, frames, n) for frames, n in self._outgoing(
-            bodies, headers, t, r, per, track=order.__setitem__, failed=results.__setitem__)), order, results)
+        self._collect(self._outgoing(bodies, headers, t, r, per, self.flow.generation, track=order.__setitem__,
+                                     failed=results.__setitem__), order, results)
         if not return_exceptions:
             for item in results:
                 if isinstance(item, FabricError):
@@ -765,8 +764,8 @@ class AsyncRequester(_RequesterBase):
             ids[i] = rid
 
         try:
-            for frames, count in self._outgoing(bodies, headers, t, r, per, track=track,
-                                                failed=lambda i, exc: futures[i].set_exception(exc)):
+            for _, frames, count in self._outgoing(bodies, headers, t, r, per, generation, track=track,
+                                                   failed=lambda i, exc: futures[i].set_exception(exc)):
                 self._send_frames(generation, frames, count)
         except BaseException:
             for rid in ids:  # nobody will wait for these: never resend them
