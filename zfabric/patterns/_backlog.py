@@ -30,7 +30,8 @@ log = logging.getLogger("zfabric.queue")
 BACKLOG_MAX = 1000
 """Messages a producer's backlog holds at most (besides the batch being sent); send waits beyond."""
 BACKLOG_MAX_BYTES = 1 << 20
-"""Bytes a producer's backlog holds at most (one message is always taken)."""
+"""Bytes of messages larger than BACKLOG_SMALL a producer's backlog holds at most (one is always taken); the
+small ones are bounded by their count, BACKLOG_MAX * BACKLOG_SMALL at most."""
 BACKLOG_BATCH = 64
 """Messages per batch the flusher sends at most. A batch is one ZeroMQ message, which the high-water
 marks count as one: under back-pressure they bound batches, not messages."""
