@@ -77,12 +77,32 @@ def test_every_message_reaches_exactly_one_of_three_consumers(face: Face, bind_a
     expected = {(tag, n) for tag in range(2) for n in range(per_producer)}
     assert set(received) == expected, f"lost {len(expected - set(received))}"
     assert max(received.values()) == 1, "a message was delivered twice"
+    # Under back-pressure ZeroMQ hands a consumer that made room a run of up to half its high-water
+    # mark (500 here), so equal consumers that the GIL serves unequally get unequal shares: 20-25%
+    # for the least served in about 1 run of 20 on 2 busy cores, with or without the backlog. What
+    # must hold is that none is starved; exact round-robin is the next test's, without back-pressure.
     shares = [len(batch) for batch in got]
-    assert all(share > 0.2 * 2 * per_producer for share in shares), f"work not spread: {shares}"
+    assert all(share > 0.1 * 2 * per_producer for share in shares), f"a consumer was starved: {shares}"
     for batch in got:  # per-producer order holds within each consumer
         for tag in range(2):
             ns = [e.body[1] for e in batch if e.body[0] == tag]
             assert ns == sorted(ns)
+
+
+def test_consumers_that_keep_up_share_messages_exactly_round_robin(face: Face, bind_address: Callable[[str], str]) -> None:
+    consumers = [face.consumer(bind_address(f"c{i}")) for i in range(3)]
+    producers = [face.producer([c.endpoint for c in consumers], send_timeout=10.0) for _ in range(2)]
+    for p in producers:
+        assert p.wait_for_consumers(3, timeout=10.0) == 3
+    for tag, p in enumerate(producers):  # 2 x 300 messages: far below any high-water mark, no queue fills
+        p.send_many([[tag, n] for n in range(300)])
+    got = drain(consumers, 600, idle=2.0)
+    assert [len(batch) for batch in got] == [200, 200, 200]
+    for batch in got:
+        for tag in range(2):
+            ns = [e.body[1] for e in batch if e.body[0] == tag]
+            assert len(ns) == 100 and ns == sorted(ns)
+    assert {(e.body[0], e.body[1]) for batch in got for e in batch} == {(t, n) for t in range(2) for n in range(300)}
 
 
 def test_a_full_queue_blocks_then_times_out_and_loses_nothing(face: Face) -> None:
