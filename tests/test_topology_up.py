@@ -123,6 +123,8 @@ def test_shop_runs_every_pattern_and_survives_a_forwarder_kill(processes: Proces
     analytics.wait(lambda s: len(s.of("sale")) >= 30, 60, "30 sales at analytics")
     mailer.wait(lambda s: len(s.of("sale")) >= 30 and len(s.of("receipt")) >= 30, 60, "30 sales and receipts at mailer")
     fulfilment.wait(lambda s: set(first) <= set(s.numbers("fulfilled")), 60, "orders 1-30 fulfilled")
+    # checkout reports an order after sending it, so the others may have seen it before its line is read
+    checkout.wait(lambda s: set(first) <= set(s.numbers("order")), 30, "orders 1-30 reported by checkout")
     orders = {e["n"]: e for e in checkout.of("order")}
     assert all(orders[n]["quorum_met"] and len(orders[n]["quotes"]) >= 2 and orders[n]["price"] > 0 for n in first)
     assert analytics.numbers("sale")[:30] == first
