@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from zfabric import Consumer, Producer, ReceiveTimeout, SendTimeout, SocketOptions
-from zfabric.patterns._backlog import BACKLOG_MAX
+from zfabric.patterns._backlog import BACKLOG_BATCH, BACKLOG_MAX
 
 from .conftest import Processes
 
@@ -45,7 +45,7 @@ def test_small_messages_wait_in_the_backlog_and_arrive_batched_complete_and_in_o
                 consumer.receive(timeout=0.2)
             # The backlog was full when send timed out: those messages all went through it, in batches.
             assert producer.stats.backlogged >= BACKLOG_MAX
-            assert producer.stats.batches_sent >= BACKLOG_MAX // 64
+            assert producer.stats.batches_sent >= BACKLOG_MAX // BACKLOG_BATCH
             assert producer.stats.backlog_dropped == 0
     assert backlog_threads() == []
 
