@@ -35,8 +35,8 @@ small ones are bounded by their count, BACKLOG_MAX * BACKLOG_SMALL at most."""
 BACKLOG_BATCH = 16
 """Messages per batch the flusher sends at most. A batch is one ZeroMQ message, which the high-water
 marks count as one: under back-pressure they bound batches, not messages. 16 rather than 64: the
-same throughput within noise, and a consumer that stops reading holds 40,000 messages rather than
-62,000 (raw PUSH: 24,000; benchmarks/stuck_consumer.py)."""
+same throughput within noise, and a consumer that stops reading holds 27,000-40,000 small messages
+rather than 62,000-66,000, as many as under raw pyzmq PUSH (benchmarks/stuck_consumer.py)."""
 BACKLOG_BATCH_BYTES = 8192
 """Bytes per batch the flusher sends, about, at most: what the high-water marks hold stays bounded."""
 BACKLOG_SMALL = 1024
