@@ -20,7 +20,7 @@ from collections.abc import Callable
 import msgpack
 import zmq
 
-from zfabric import Consumer, Producer, ReceiveTimeout
+from zfabric import Consumer, Producer, ReceiveTimeout, SendTimeout
 
 BODY = "x" * 80
 
@@ -95,8 +95,8 @@ def held_zfabric(messages: int) -> tuple[int, int]:
                 for n in range(messages):
                     producer.send([n, BODY])
                     sent += 1
-            except Exception as exc:  # SendTimeout: the fast consumer could not keep up either
-                print(f"zfabric: stopped after {sent:,}: {exc}")
+            except SendTimeout:  # the stuck consumer's share is full and the fast one fell 2 s behind
+                pass
             time.sleep(1.0)
             stop.set()
             thread.join(5)
