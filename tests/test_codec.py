@@ -68,13 +68,17 @@ def test_an_inline_raw_body_is_written_as_the_generic_encoder_writes_it() -> Non
 def test_the_plain_stamp_path_writes_the_same_bytes_as_the_general_one() -> None:
     stamp = codec.Stamp(IdSource(b"origin-1"), "orders")
     twin = codec.Stamp(IdSource(b"origin-1"), "orders")  # the same ids, in the same order
-    for n, body in enumerate([{"sku": "A-1"}, None, "x" * 20_000, [1, 2.5, b"bin"], 2**63]):
+    raw = [b"r" * n for n in (0, 1, 255, 256, 4096, codec.INLINE_MAX - 1)]  # every bin header size plain writes
+    for n, body in enumerate([{"sku": "A-1"}, None, "x" * 20_000, [1, 2.5, b"bin"], 2**63, *raw]):
+        assert codec.is_plain(body)
         env, message = stamp.plain(body, 1_700_000_000.25 + n)
         expected_env, expected = twin.encode(body, 1_700_000_000.25 + n)
         assert (env, [message]) == (expected_env, expected)
         assert codec.decode([message]) == env
     with pytest.raises(EncodeError, match="object"):
         stamp.plain(object(), 1.0)
+    for body in (b"r" * codec.INLINE_MAX, bytearray(b"ba"), memoryview(b"m")):  # for Stamp.encode: own frame, or copied
+        assert not codec.is_plain(body)
 
 
 @pytest.mark.parametrize("deadline, headers", [(None, None), (None, {}), (9e9, None), (None, {"k": "v"})])

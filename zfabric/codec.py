@@ -391,6 +391,12 @@ def _bin_header(n: int) -> bytes:
     return _BIN8(0xC4, n) if n < 1 << 8 else _BIN16(0xC5, n) if n < 1 << 16 else _BIN32(0xC6, n)
 
 
+def is_plain(body: Any) -> bool:
+    """True when `Stamp.plain` may encode `body`: anything but raw bytes, or `bytes` shorter than INLINE_MAX."""
+    kind = type(body)
+    return kind not in _RAW_SET or (kind is bytes and len(body) < INLINE_MAX)
+
+
 class Stamp:
     """The encoder of one sender's messages of one kind and topic.
 
@@ -413,20 +419,27 @@ class Stamp:
         self._packb = msgpack.Packer().pack  # msgpack.packb builds a Packer per call; a Stamp serves one sender
         self._id = slice(5, 5 + len(ids.origin) + 8)
         self.plain = self._plain_encoder()
-        """`plain(body, now) -> (envelope, message)`: `encode` for the commonest message (a body that is not
-        raw bytes; no deadline, headers or seq) as one frame, with every constant bound in a closure."""
+        """`plain(body, now) -> (envelope, message)`: `encode` for the commonest messages (no deadline, headers
+        or seq; a body that is not raw, or `bytes` shorter than INLINE_MAX, see `is_plain`) as one frame, with
+        every constant bound in a closure."""
 
     def _plain_encoder(self) -> Callable[[Any, float], tuple[Envelope, bytes]]:
         pack, pre, counter, mid, packb, id_ = self._pack, self._pre13, self._next, self._mid, self._packb, self._id
-        tail, kind, topic, make = _NO_EXTRAS[BODY_MSGPACK], self.kind, self.topic, _make_envelope
+        tail, raw_tail = _NO_EXTRAS[BODY_MSGPACK], _NO_EXTRAS[BODY_RAW]
+        kind, topic, make = self.kind, self.topic, _make_envelope
+        bin8, bin16, join = _BIN8, _BIN16, b"".join
 
         def plain(body: Any, now: float) -> tuple[Envelope, bytes]:
             head = pack(pre, counter(), mid, now)
-            try:
-                payload = packb(body)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise unencodable_body(body, exc) from exc
-            return make(Envelope, (head[id_], kind, topic, body, None, None, 1, now, None, {}, None)), head + tail + payload
+            if type(body) is bytes:  # inline (is_plain): the body copied once, into the message
+                n = len(body)
+                message = join((head, raw_tail, bin8(0xC4, n) if n < 256 else bin16(0xC5, n), body))
+            else:
+                try:
+                    message = head + tail + packb(body)
+                except (TypeError, ValueError, OverflowError) as exc:
+                    raise unencodable_body(body, exc) from exc
+            return make(Envelope, (head[id_], kind, topic, body, None, None, 1, now, None, {}, None)), message
 
         return plain
 

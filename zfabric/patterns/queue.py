@@ -28,6 +28,7 @@ from ..options import UNSET, SocketOptions, Unset
 from ._backlog import BACKLOG_SMALL, Backlog, log
 
 _RAW = frozenset({bytes, bytearray, memoryview})
+_INLINE = codec.INLINE_MAX
 _NOBLOCK = int(zmq.NOBLOCK)
 BATCH_COUNT = 1000
 """Envelopes per batch message at most."""
@@ -82,7 +83,7 @@ class _ProducerBase(SocketOwner):
     def _encode(self, body: Any, headers: Mapping[str, Any] | None, ttl: float | None) -> tuple[Envelope, list[Any]]:
         """A new message's envelope and frames, encoded in one pass (the per-message hot path)."""
         now = time.time()
-        if headers is None and ttl is None and type(body) not in _RAW:
+        if headers is None and ttl is None and (type(body) not in _RAW or type(body) is bytes and len(body) < _INLINE):
             env, message = self._stamp.plain(body, now)
             return env, [message]
         return self._stamp.encode(body, now, None if ttl is None else now + ttl, headers)
@@ -129,8 +130,9 @@ class Producer(_ProducerBase):
         if self._closed:
             self._check_open()
         limit = self.send_timeout if timeout is UNSET else timeout
-        if headers is None and ttl is None and type(body) not in _RAW:
-            # _encode's plain case, and _send's common cases, inlined: the hottest path
+        if headers is None and ttl is None and (type(body) not in _RAW or
+                                                type(body) is bytes and len(body) < _INLINE):
+            # _encode's plain case (codec.is_plain), and _send's common cases, inlined: the hottest path
             env, message = self._stamp.plain(body, time.time())
             backlog = self._backlog
             if not backlog.active:  # (see _send: off, it stays off, and the socket is this thread's)
