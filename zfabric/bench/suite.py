@@ -1,8 +1,9 @@
 """The benchmark suite: every figure measured through raw pyzmq and through zfabric in the same run.
 
 Each measurement runs its producer and consumer (or client and server) as separate
-processes (`zfabric.bench.actors`), repeats it, and keeps the median. Ratios compare the
-two implementations of the same run, so they mean something on any machine.
+processes (`zfabric.bench.actors`), repeats it, raw and zfabric taking turns, and keeps the
+median. Ratios compare the two implementations of the same run, so they mean something on
+any machine.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import zmq
 
 from ..errors import FabricError
+
+T = TypeVar("T")
 
 IMPLS = ("raw", "zf")
 
@@ -167,6 +171,10 @@ def queue_rate(impl: str, count: int, size: int, batch: int = 0, curve: bool = F
     return result["count"] / result["seconds"], result["rss_mb"]
 
 
+def _queue_msgs(impl: str, count: int, size: int, batch: int = 0, curve: bool = False) -> float:
+    return queue_rate(impl, count, size, batch, curve)[0]
+
+
 def rr(impl: str, count: int, inflight: int, batch: int | None = None) -> dict[str, Any]:
     with procs() as ps:
         server = ps.spawn("echo-server", impl=impl)
@@ -261,60 +269,69 @@ def run_suite(quick: bool = False, on_row: Callable[[Row], None] | None = None,
     def want(group: str) -> bool:
         return only is None or group in only
 
-    def best_of(fn: Callable[..., float], *args: Any) -> float:
-        """The median of `repeat` runs of fn(*args)."""
-        return _median([fn(*args) for _ in range(plan.repeat)])
+    def turns(measures: Mapping[str, Callable[[], T]]) -> dict[str, list[T]]:
+        """`repeat` runs of each measure, taking turns (raw, zfabric, raw, zfabric, ...): a slow spell of the
+        machine then falls on both sides of a ratio, not on one side's three runs in a row."""
+        runs: dict[str, list[T]] = {name: [] for name in measures}
+        for _ in range(plan.repeat):
+            for name, measure in measures.items():
+                runs[name].append(measure())
+        return runs
+
+    def medians(runs: dict[str, list[float]]) -> dict[str, float]:
+        return {name: _median(values) for name, values in runs.items()}
 
     raw_queue_100 = None
     if want("queue"):
         for size, count in plan.queue_counts.items():
-            rates = {impl: best_of(lambda *a: queue_rate(*a)[0], impl, count, size) for impl in IMPLS}
-            label = f"{size} B" if size < 1024 else f"{size // 1024} KiB"
+            measures = {impl: partial(_queue_msgs, impl, count, size) for impl in IMPLS}
             if size == 100:
-                raw_queue_100 = rates["raw"]
+                measures["batch"] = partial(_queue_msgs, "zf", count, size, 100)
+                measures["async"] = partial(_queue_msgs, "zf-async", count, size)
+            rates = medians(turns(measures))
+            label = f"{size} B" if size < 1024 else f"{size // 1024} KiB"
             target = 0.7 if size == 100 else 0.8
             add(Row(f"queue msgs/s, {label}, tcp", "msg/s", rates["raw"], rates["zf"], target=target,
                     extra={"MB/s raw": rates["raw"] * size / 1e6, "MB/s zf": rates["zf"] * size / 1e6}))
             if size == 100:
-                batched = best_of(lambda *a: queue_rate(*a)[0], "zf", count, size, 100)
+                raw_queue_100 = rates["raw"]
                 add(Row(f"queue msgs/s, {label}, tcp, send_batch of 100 (vs raw per message)", "msg/s", rates["raw"],
-                        batched, target=0.7))
-                aio = best_of(lambda *a: queue_rate(*a)[0], "zf-async", count, size)
-                add(Row(f"queue msgs/s, {label}, tcp, asyncio faces (vs raw, sync)", "msg/s", rates["raw"], aio))
+                        rates["batch"], target=0.7))
+                add(Row(f"queue msgs/s, {label}, tcp, asyncio faces (vs raw, sync)", "msg/s", rates["raw"],
+                        rates["async"]))
     if want("curve"):
         for size in (100, 4096):
             count = plan.queue_counts[size] // 2
             label = f"{size} B" if size < 1024 else f"{size // 1024} KiB"
-            secure = {impl: best_of(lambda i, n, sz: queue_rate(i, n, sz, curve=True)[0], impl, count, size)
-                      for impl in IMPLS}
+            secure = medians(turns({impl: partial(_queue_msgs, impl, count, size, curve=True) for impl in IMPLS}))
             add(Row(f"queue msgs/s, {label}, tcp + CURVE (both encrypt)", "msg/s", secure["raw"], secure["zf"],
                     extra={"MB/s raw": secure["raw"] * size / 1e6, "MB/s zf": secure["zf"] * size / 1e6}))
     if want("reqrep"):
-        lat = {impl: [rr(impl, plan.rr_latency, 1) for _ in range(plan.repeat)] for impl in IMPLS}
+        lat = turns({impl: partial(rr, impl, plan.rr_latency, 1) for impl in IMPLS})
         p50 = {impl: _median([_pct(r["rtts"], 0.5) for r in lat[impl]]) * 1e6 for impl in IMPLS}
         p99 = {impl: _median([_pct(r["rtts"], 0.99) for r in lat[impl]]) * 1e6 for impl in IMPLS}
         add(Row("request-reply p50, 1 in flight", "us", p50["raw"], p50["zf"], higher_is_better=False, target=1.3))
         add(Row("request-reply p99, 1 in flight", "us", p99["raw"], p99["zf"], higher_is_better=False))
-        tput = {impl: best_of(rr_rate, impl, plan.rr_throughput, 100) for impl in IMPLS}
+        tput = medians(turns({**{impl: partial(rr_rate, impl, plan.rr_throughput, 100) for impl in IMPLS},
+                              "single": partial(rr_rate, "zf", plan.rr_throughput, 100, 1)}))
         add(Row("request-reply req/s, 100 in flight (request_many: one batch of 100; vs raw per message)", "req/s",
                 tput["raw"], tput["zf"], target=0.7))
-        single = best_of(rr_rate, "zf", plan.rr_throughput, 100, 1)
-        add(Row("request-reply req/s, 100 in flight, one request per message (batch=1)", "req/s", tput["raw"], single,
-                target=0.7))
+        add(Row("request-reply req/s, 100 in flight, one request per message (batch=1)", "req/s", tput["raw"],
+                tput["single"], target=0.7))
     if want("scatter"):
         for members in (3, 10):
-            runs = {impl: [scatter(impl, members, plan.scatter_rounds) for _ in range(plan.repeat)] for impl in IMPLS}
+            runs = turns({impl: partial(scatter, impl, members, plan.scatter_rounds) for impl in IMPLS})
             for q, name in ((0.5, "p50"), (0.99, "p99")):
                 vals = {impl: _median([_pct(r, q) for r in runs[impl]]) * 1e6 for impl in IMPLS}
                 add(Row(f"scatter-gather {name}, {members} members", "us", vals["raw"], vals["zf"], higher_is_better=False))
     if want("pubsub"):
         for subs in (1, 3):
-            rates = {impl: best_of(pubsub_rate, impl, subs, plan.pubsub_count) for impl in IMPLS}
+            rates = medians(turns({impl: partial(pubsub_rate, impl, subs, plan.pubsub_count) for impl in IMPLS}))
             add(Row(f"pub/sub msgs/s per subscriber, 100 B, {subs} sub(s), via forwarder", "msg/s", rates["raw"],
                     rates["zf"], target=0.7 if subs == 1 else None))
     if want("reliable"):
         if raw_queue_100 is None:
-            raw_queue_100 = best_of(lambda *a: queue_rate(*a)[0], "raw", plan.queue_counts[100], 100)
+            raw_queue_100 = _median(turns({"raw": partial(_queue_msgs, "raw", plan.queue_counts[100], 100)})["raw"])
         for sync in ("full", "normal"):
             rate, processed = reliable_rate(plan.reliable_count, sync)
             add(Row(f"reliable confirmed msgs/s, 100 B, synchronous={sync} (vs raw queue)", "msg/s", raw_queue_100, rate,
