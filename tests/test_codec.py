@@ -71,10 +71,11 @@ def test_the_plain_stamp_path_writes_the_same_bytes_as_the_general_one() -> None
     raw = [b"r" * n for n in (0, 1, 255, 256, 4096, codec.INLINE_MAX - 1)]  # every bin header size plain writes
     for n, body in enumerate([{"sku": "A-1"}, None, "x" * 20_000, [1, 2.5, b"bin"], 2**63, *raw]):
         assert codec.is_plain(body)
-        env, message = stamp.plain(body, 1_700_000_000.25 + n)
-        expected_env, expected = twin.encode(body, 1_700_000_000.25 + n)
-        assert (env, [message]) == (expected_env, expected)
-        assert codec.decode([message]) == env
+        for seq in (None, n, 2**63):  # a queue's message has none, a publisher's one
+            env, message = stamp.plain(body, 1_700_000_000.25 + n, seq)
+            expected_env, expected = twin.encode(body, 1_700_000_000.25 + n, seq=seq)
+            assert (env, [message]) == (expected_env, expected)
+            assert codec.decode([message]) == env
     with pytest.raises(EncodeError, match="object"):
         stamp.plain(object(), 1.0)
     for body in (b"r" * codec.INLINE_MAX, bytearray(b"ba"), memoryview(b"m")):  # for Stamp.encode: own frame, or copied

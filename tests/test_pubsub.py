@@ -14,6 +14,7 @@ import zmq
 
 from zfabric import (
     ConfigError,
+    EncodeError,
     Envelope,
     Forwarder,
     Kind,
@@ -185,6 +186,24 @@ def test_subscriber_skips_garbage_and_keeps_delivering(face: Face, ctx: zmq.Cont
     raw.send_multipart(valid(10))
     assert [sub.receive(timeout=5.0).body for _ in range(11)] == list(range(11))
     assert sub.stats.decode_errors == 20
+    assert sub.gaps == 0
+
+
+def test_a_body_that_cannot_be_published_leaves_no_gap(face: Face) -> None:
+    """A failed publish takes no sequence number: subscribers must not count a message that never existed."""
+    publisher = face.publisher("tcp://127.0.0.1:0", bind=True)
+    sub = face.subscriber(publisher.endpoint, topics="t", options=BIG)
+    assert publisher.wait_for_subscribers(1, "t", timeout=10.0) == 1
+    bodies: list[Any] = [1, b"small", b"L" * codec.INLINE_MAX, "text"]
+    publisher.publish("t", bodies[0])
+    for bad, headers in ((object(), None), ({"k": object()}, None), ("fine", {"h": object()})):
+        with pytest.raises(EncodeError):
+            publisher.publish("t", bad, headers=headers)
+    for body in bodies[1:]:
+        publisher.publish("t", body)
+    got = [sub.receive(timeout=5.0) for _ in bodies]
+    assert [e.body for e in got] == bodies
+    assert [e.seq for e in got] == [1, 2, 3, 4]
     assert sub.gaps == 0
 
 

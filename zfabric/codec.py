@@ -419,27 +419,29 @@ class Stamp:
         self._packb = msgpack.Packer().pack  # msgpack.packb builds a Packer per call; a Stamp serves one sender
         self._id = slice(5, 5 + len(ids.origin) + 8)
         self.plain = self._plain_encoder()
-        """`plain(body, now) -> (envelope, message)`: `encode` for the commonest messages (no deadline, headers
-        or seq; a body that is not raw, or `bytes` shorter than INLINE_MAX, see `is_plain`) as one frame, with
-        every constant bound in a closure."""
+        """`plain(body, now, seq=None) -> (envelope, message)`: `encode` for the commonest messages (no deadline
+        or headers; a body that is not raw, or `bytes` shorter than INLINE_MAX, see `is_plain`) as one frame,
+        with every constant bound in a closure. A queue's messages have no seq; a publisher's have one."""
 
-    def _plain_encoder(self) -> Callable[[Any, float], tuple[Envelope, bytes]]:
+    def _plain_encoder(self) -> Callable[..., tuple[Envelope, bytes]]:
         pack, pre, counter, mid, packb, id_ = self._pack, self._pre13, self._next, self._mid, self._packb, self._id
-        tail, raw_tail = _NO_EXTRAS[BODY_MSGPACK], _NO_EXTRAS[BODY_RAW]
+        tail, raw_tail, seq_only = _NO_EXTRAS[BODY_MSGPACK], _NO_EXTRAS[BODY_RAW], _SEQ_ONLY
         kind, topic, make = self.kind, self.topic, _make_envelope
         bin8, bin16, join = _BIN8, _BIN16, b"".join
 
-        def plain(body: Any, now: float) -> tuple[Envelope, bytes]:
+        def plain(body: Any, now: float, seq: int | None = None) -> tuple[Envelope, bytes]:
             head = pack(pre, counter(), mid, now)
             if type(body) is bytes:  # inline (is_plain): the body copied once, into the message
                 n = len(body)
-                message = join((head, raw_tail, bin8(0xC4, n) if n < 256 else bin16(0xC5, n), body))
+                extras = raw_tail if seq is None else seq_only(b"\xc0\x80\xcf", seq, BODY_RAW)
+                message = join((head, extras, bin8(0xC4, n) if n < 256 else bin16(0xC5, n), body))
             else:
                 try:
-                    message = head + tail + packb(body)
+                    payload = packb(body)
                 except (TypeError, ValueError, OverflowError) as exc:
                     raise unencodable_body(body, exc) from exc
-            return make(Envelope, (head[id_], kind, topic, body, None, None, 1, now, None, {}, None)), message
+                message = head + (tail if seq is None else seq_only(b"\xc0\x80\xcf", seq, BODY_MSGPACK)) + payload
+            return make(Envelope, (head[id_], kind, topic, body, None, None, 1, now, None, {}, seq)), message
 
         return plain
 

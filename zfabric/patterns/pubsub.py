@@ -26,13 +26,23 @@ import zmq
 from .. import codec
 from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
-from .._socket import RECV, AnyContext, SocketOwner, recv_frames_first, send_frames
+from .._socket import (
+    RECV,
+    SEND,
+    AnyContext,
+    SocketOwner,
+    recv_frames_first,
+    send_frames,
+)
 from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource
 from ..errors import ConfigError, ReadyTimeout
 from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB, SocketOptions
 
 _NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_RAW = frozenset({bytes, bytearray, memoryview})
+_INLINE = codec.INLINE_MAX
 _DRAIN_EVERY = 256
 """A publisher reads its subscription traffic at least once per this many publishes."""
 _CONTROL_SLICE_MS = 100
@@ -74,9 +84,14 @@ class _PublisherBase(SocketOwner):
         entry = self._topics.get(topic)
         if entry is None:
             entry = self._topics[topic] = [codec.validate_topic(topic), 0, codec.Stamp(self._ids, topic)]
-        entry[1] += 1
-        env, frames = entry[2].encode(body, time.time(), None, headers, entry[1])
-        return env, [entry[0], *frames]
+        if headers is None and codec.is_plain(body):
+            env, message = entry[2].plain(body, time.time(), entry[1] + 1)
+            frames = [entry[0], message]
+        else:
+            env, more = entry[2].encode(body, time.time(), None, headers, entry[1] + 1)
+            frames = [entry[0], *more]
+        entry[1] += 1  # only once encoded: a body that cannot be must not leave a gap in the sequence
+        return env, frames
 
     def _on_control(self, msg: bytes) -> bytes | None:
         """Apply one subscription message; returns a probe answer to publish, if any."""
@@ -114,9 +129,20 @@ class Publisher(_PublisherBase):
 
     def publish(self, topic: str, body: Any, *, headers: Mapping[str, Any] | None = None) -> Envelope:
         """Publish one message; never blocks (a full high-water mark drops, and subscribers count it)."""
-        self._check_open()
-        env, frames = self._frames(topic, body, headers)
-        send_frames(self._sock, frames)
+        if self._closed:
+            self._check_open()
+        entry = self._topics.get(topic)
+        if entry is not None and headers is None and (type(body) not in _RAW or
+                                                      type(body) is bytes and len(body) < _INLINE):
+            # _frames' plain case, and send_frames of its two frames, inlined: the hottest path
+            env, message = entry[2].plain(body, time.time(), entry[1] + 1)
+            entry[1] += 1  # only once encoded: a body that cannot be must not leave a gap in the sequence
+            sock = self._sock
+            SEND(sock, entry[0], _SNDMORE)
+            SEND(sock, message, 0)
+        else:
+            env, frames = self._frames(topic, body, headers)
+            send_frames(self._sock, frames)
         self.stats.sent += 1
         self._until_drain -= 1
         if not self._until_drain:

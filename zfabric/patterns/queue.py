@@ -83,7 +83,7 @@ class _ProducerBase(SocketOwner):
     def _encode(self, body: Any, headers: Mapping[str, Any] | None, ttl: float | None) -> tuple[Envelope, list[Any]]:
         """A new message's envelope and frames, encoded in one pass (the per-message hot path)."""
         now = time.time()
-        if headers is None and ttl is None and (type(body) not in _RAW or type(body) is bytes and len(body) < _INLINE):
+        if headers is None and ttl is None and codec.is_plain(body):
             env, message = self._stamp.plain(body, now)
             return env, [message]
         return self._stamp.encode(body, now, None if ttl is None else now + ttl, headers)
