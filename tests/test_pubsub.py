@@ -183,9 +183,11 @@ def test_subscriber_skips_garbage_and_keeps_delivering(face: Face, ctx: zmq.Cont
         raw.send_multipart(valid(i))
         raw.send_multipart([b"t", b"garbage"])
         raw.send_multipart([b"tt", b"\x93\x01", b"x", b"y"])
+    mislabelled = Envelope(b"p" * 16, Kind.MESSAGE, "tx", "not for t", seq=99, created_at=time.time())
+    raw.send_multipart([b"t", *[bytes(f) for f in codec.encode(mislabelled)]])  # its topic frame is not its header's
     raw.send_multipart(valid(10))
     assert [sub.receive(timeout=5.0).body for _ in range(11)] == list(range(11))
-    assert sub.stats.decode_errors == 20
+    assert sub.stats.decode_errors == 21
     assert sub.gaps == 0
 
 
