@@ -71,9 +71,10 @@ def test_the_plain_stamp_path_writes_the_same_bytes_as_the_general_one() -> None
     raw = [b"r" * n for n in (0, 1, 255, 256, 4096, codec.INLINE_MAX - 1)]  # every bin header size plain writes
     for n, body in enumerate([{"sku": "A-1"}, None, "x" * 20_000, [1, 2.5, b"bin"], 2**63, *raw]):
         assert codec.is_plain(body)
-        for seq in (None, n, 2**63):  # a queue's message has none, a publisher's one
-            env, message = stamp.plain(body, 1_700_000_000.25 + n, seq)
-            expected_env, expected = twin.encode(body, 1_700_000_000.25 + n, seq=seq)
+        for seq, deadline in [(None, None), (n, None), (2**63, None), (None, 1_800_000_000.5), (n, 1e9)]:
+            # a queue's message has neither, a publisher's a seq, a request a deadline
+            env, message = stamp.plain(body, 1_700_000_000.25 + n, seq, deadline)
+            expected_env, expected = twin.encode(body, 1_700_000_000.25 + n, deadline, seq=seq)
             assert (env, [message]) == (expected_env, expected)
             assert codec.decode([message]) == env
     with pytest.raises(EncodeError, match="object"):

@@ -419,29 +419,37 @@ class Stamp:
         self._packb = msgpack.Packer().pack  # msgpack.packb builds a Packer per call; a Stamp serves one sender
         self._id = slice(5, 5 + len(ids.origin) + 8)
         self.plain = self._plain_encoder()
-        """`plain(body, now, seq=None) -> (envelope, message)`: `encode` for the commonest messages (no deadline
-        or headers; a body that is not raw, or `bytes` shorter than INLINE_MAX, see `is_plain`) as one frame,
-        with every constant bound in a closure. A queue's messages have no seq; a publisher's have one."""
+        """`plain(body, now, seq=None, deadline=None) -> (envelope, message)`: `encode` for the commonest
+        messages (no headers; a seq or a deadline at most; a body that is not raw, or `bytes` shorter than
+        INLINE_MAX, see `is_plain`) as one frame, with every constant bound in a closure. A queue's messages
+        have neither; a publisher's have a seq, a request has a deadline."""
 
     def _plain_encoder(self) -> Callable[..., tuple[Envelope, bytes]]:
         pack, pre, counter, mid, packb, id_ = self._pack, self._pre13, self._next, self._mid, self._packb, self._id
-        tail, raw_tail, seq_only = _NO_EXTRAS[BODY_MSGPACK], _NO_EXTRAS[BODY_RAW], _SEQ_ONLY
+        tail, raw_tail, seq_only, deadline_only = _NO_EXTRAS[BODY_MSGPACK], _NO_EXTRAS[BODY_RAW], _SEQ_ONLY, _DEADLINE_ONLY
         kind, topic, make = self.kind, self.topic, _make_envelope
         bin8, bin16, join = _BIN8, _BIN16, b"".join
 
-        def plain(body: Any, now: float, seq: int | None = None) -> tuple[Envelope, bytes]:
+        def extras(fmt: int, seq: int | None, deadline: float | None) -> bytes:
+            if deadline is None:
+                return seq_only(b"\xc0\x80\xcf", seq, fmt)
+            if seq is None:
+                return deadline_only(0xCB, deadline, 0x80, 0xC0, fmt)
+            return join((_F64(0xCB, deadline), b"\x80", _U64(0xCF, seq), bytes((fmt,))))
+
+        def plain(body: Any, now: float, seq: int | None = None, deadline: float | None = None) -> tuple[Envelope, bytes]:
             head = pack(pre, counter(), mid, now)
             if type(body) is bytes:  # inline (is_plain): the body copied once, into the message
                 n = len(body)
-                extras = raw_tail if seq is None else seq_only(b"\xc0\x80\xcf", seq, BODY_RAW)
-                message = join((head, extras, bin8(0xC4, n) if n < 256 else bin16(0xC5, n), body))
+                message = join((head, raw_tail if seq is None and deadline is None else extras(BODY_RAW, seq, deadline),
+                                bin8(0xC4, n) if n < 256 else bin16(0xC5, n), body))
             else:
                 try:
                     payload = packb(body)
                 except (TypeError, ValueError, OverflowError) as exc:
                     raise unencodable_body(body, exc) from exc
-                message = head + (tail if seq is None else seq_only(b"\xc0\x80\xcf", seq, BODY_MSGPACK)) + payload
-            return make(Envelope, (head[id_], kind, topic, body, None, None, 1, now, None, {}, seq)), message
+                message = head + (tail if seq is None and deadline is None else extras(BODY_MSGPACK, seq, deadline)) + payload
+            return make(Envelope, (head[id_], kind, topic, body, None, None, 1, now, deadline, {}, seq)), message
 
         return plain
 
