@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from zfabric import Envelope, Kind, RemoteError, RequestTimeout
@@ -30,6 +30,8 @@ def reply_to(req: Envelope, kind: Kind = Kind.REPLY, body: object = "ok") -> Env
 
 
 @settings(max_examples=200, deadline=None)
+@example([("submit", 1), ("tick", 3), ("submit", 2), ("tick", 8), ("reply", 1), ("tick", 9)], 1)
+# a retry opens a fresh socket while a later request still waits on the old one, which closes once it is answered
 @given(st.lists(st.tuples(st.sampled_from(["submit", "reply", "error", "stray", "tick"]), st.integers(0, 30)), max_size=80),
        st.integers(0, 3))
 def test_every_request_ends_exactly_once_whatever_happens(ops: list[tuple[str, int]], retries: int) -> None:
@@ -62,9 +64,8 @@ def test_every_request_ends_exactly_once_whatever_happens(ops: list[tuple[str, i
                 ended[rid] = exc
             assert all(env.id in flow.pending for env in resend)
         live = list(range(flow.generation + 1))
-        idle = flow.idle_generations(live)
-        assert flow.generation not in idle
-        assert all(p.generation not in idle for p in flow.pending.values())
+        busy = {p.generation for p in flow.pending.values()}
+        assert flow.idle_generations(live) == [g for g in live if g != flow.generation and g not in busy]
     now += 10_000
     while flow.next_due() is not None:
         failures, _, _ = flow.expire(now)

@@ -10,7 +10,7 @@ The drivers only move frames and wait.
 from __future__ import annotations
 
 import heapq
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,7 +63,9 @@ class RequestFlow:
         self.pending: dict[bytes, _Pending] = {}
         self.generation = 0
         self._generation_born: float | None = None  # set by the first submit: the flow reads no clock itself
-        self._per_generation: Counter[int] = Counter()
+        self._older: dict[int, int] = {}
+        """Requests pending per generation other than the current one. Counted from the moment a generation
+        stops being current, so that the commonest case (one generation) pays nothing per request."""
         self._timers: list[tuple[float, bytes]] = []
 
     def submit(self, env: Envelope, timeout: float, retries: int, now: float) -> None:
@@ -71,7 +73,6 @@ class RequestFlow:
         if self._generation_born is None:
             self._generation_born = now
         self.pending[env.id] = _Pending(env, timeout, retries, now + timeout, self.generation)
-        self._per_generation[self.generation] += 1
         heapq.heappush(self._timers, (now + timeout, env.id))
 
     def on_reply(self, env: Envelope) -> tuple[bytes, Any] | None:
@@ -81,7 +82,8 @@ class RequestFlow:
         if p is None or env.kind not in (Kind.REPLY, Kind.ERROR):
             self.stats.stray_replies += 1
             return None
-        self._per_generation[p.generation] -= 1
+        if p.generation != self.generation:
+            self._older[p.generation] -= 1
         if env.kind is Kind.ERROR:
             self.stats.remote_errors += 1
             return corr, remote_error(env)  # type: ignore[return-value]
@@ -113,7 +115,8 @@ class RequestFlow:
                 retry.append(p)
                 continue
             del self.pending[rid]
-            self._per_generation[p.generation] -= 1
+            if p.generation != self.generation:
+                self._older[p.generation] -= 1
             self.stats.timeouts += 1
             attempts = p.env.attempt
             failures.append((rid, RequestTimeout(
@@ -123,14 +126,16 @@ class RequestFlow:
         born = now if self._generation_born is None else self._generation_born
         fresh = bool(retry) and now - born >= MIN_SOCKET_AGE
         if fresh:
+            current = self.generation
+            self._older[current] = sum(1 for p in self.pending.values() if p.generation == current)
             self.generation += 1
             self._generation_born = now
             self.stats.sockets_opened += 1
         resend = []
         for p in retry:
-            self._per_generation[p.generation] -= 1
-            p.generation = self.generation
-            self._per_generation[p.generation] += 1
+            if p.generation != self.generation:
+                self._older[p.generation] -= 1
+                p.generation = self.generation
             p.retries_left -= 1
             p.env = p.env.with_attempt(p.env.attempt + 1)
             p.due = now + p.timeout
@@ -142,12 +147,16 @@ class RequestFlow:
     def forget(self, rid: bytes) -> None:
         """Drop a request the caller no longer waits for (cancelled)."""
         p = self.pending.pop(rid, None)
-        if p is not None:
-            self._per_generation[p.generation] -= 1
+        if p is not None and p.generation != self.generation:
+            self._older[p.generation] -= 1
 
     def idle_generations(self, live: Sequence[int]) -> list[int]:
-        """Generations among `live` that are not current and have nothing pending: close them."""
-        return [g for g in live if g != self.generation and self._per_generation[g] <= 0]
+        """Generations among `live` that are not current and have nothing pending: close them (the flow forgets
+        them here)."""
+        idle = [g for g in live if g != self.generation and self._older.get(g, 0) <= 0]
+        for g in idle:
+            self._older.pop(g, None)
+        return idle
 
 
 # ---- scatter-gather ---------------------------------------------------------------------
