@@ -87,6 +87,7 @@ def test_retries_go_out_on_fresh_sockets_with_the_same_id_and_counted_attempts(f
         seen.append((identity, codec.decode(frames)))
     assert [env.attempt for _, env in seen] == [1, 2, 3]
     assert len({env.id for _, env in seen}) == 1
+    assert all(env.deadline == pytest.approx(env.created_at + 3 * 0.3) for _, env in seen), "covers every attempt"
     assert len({identity for identity, _ in seen}) == 3, "each retry must come from a fresh socket"
     assert requester.stats.retries == 2
 

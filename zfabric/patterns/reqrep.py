@@ -521,7 +521,11 @@ class _RequesterBase:
         if self._stamp.topic != self.service:  # `service` was changed since
             self._stamp = codec.Stamp(self._ids, self.service, Kind.REQUEST)
         sent_at = time.time()
-        env, frames = self._stamp.encode(body, sent_at, sent_at + t * (r + 1), headers)
+        if not headers and codec.is_plain(body):
+            env, message = self._stamp.plain(body, sent_at, None, sent_at + t * (r + 1))
+            frames = [message]
+        else:
+            env, frames = self._stamp.encode(body, sent_at, sent_at + t * (r + 1), headers)
         self.flow.submit(env, t, r, time.monotonic())
         return env, frames
 
@@ -534,7 +538,9 @@ class _RequesterBase:
         `failed(index, error)` instead, and only it fails."""
         prepare = self._prepare
 
-        def encoded() -> Iterator[tuple[Envelope, list[Any]]]:
+        def encoded(alone: bool) -> Iterator[tuple[Any, ...]]:
+            """(generation, frames, 1) per request when each goes `alone`; else (envelope, frames), to be grouped
+            (one generator fewer for each request that goes alone)."""
             for i, body in enumerate(bodies):
                 try:
                     env, frames = prepare(body, headers, t, r)
@@ -542,11 +548,12 @@ class _RequesterBase:
                     failed(i, exc)
                     continue
                 track(env.id, i)
-                yield env, frames
+                yield (generation, frames, 1) if alone else (env, frames)
 
         if per == 1:  # a message per request: nothing to group
-            return ((generation, frames, 1) for _, frames in encoded())
-        return ((generation, frames, len(group)) for group, frames in codec.group_batches(encoded(), per, BATCH_BYTES))
+            return encoded(True)
+        batches: Iterator[tuple[list[Envelope], list[Any]]] = codec.group_batches(encoded(False), per, BATCH_BYTES)
+        return ((generation, frames, len(group)) for group, frames in batches)
 
     def _decode_replies(self, frames: list[bytes]) -> list[tuple[bytes, Any]]:
         """(request id, outcome) of each reply to a pending request in one received message (a reply or a batch)."""
