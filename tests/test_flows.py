@@ -32,6 +32,8 @@ def reply_to(req: Envelope, kind: Kind = Kind.REPLY, body: object = "ok") -> Env
 @settings(max_examples=200, deadline=None)
 @example([("submit", 1), ("tick", 3), ("submit", 2), ("tick", 8), ("reply", 1), ("tick", 9)], 1)
 # a retry opens a fresh socket while a later request still waits on the old one, which closes once it is answered
+@example([("submit", 1), ("submit", 3), ("tick", 5), ("tick", 6)], 1)
+# a shorter timeout behind a longer one: its attempt is due first, though its timer queue comes second
 @given(st.lists(st.tuples(st.sampled_from(["submit", "reply", "error", "stray", "tick"]), st.integers(0, 30)), max_size=80),
        st.integers(0, 3))
 def test_every_request_ends_exactly_once_whatever_happens(ops: list[tuple[str, int]], retries: int) -> None:
@@ -44,7 +46,7 @@ def test_every_request_ends_exactly_once_whatever_happens(ops: list[tuple[str, i
         if op == "submit":
             env = request(arg)
             submitted.append(env)
-            flow.submit(env, 1.0, retries, now)
+            flow.submit(env, 1.0 if arg % 3 else 0.4, retries, now)  # two timeouts: two timer queues
         elif op in ("reply", "error") and submitted:
             target = submitted[arg % len(submitted)]
             if op == "reply":
@@ -63,6 +65,9 @@ def test_every_request_ends_exactly_once_whatever_happens(ops: list[tuple[str, i
                 assert rid not in ended
                 ended[rid] = exc
             assert all(env.id in flow.pending for env in resend)
+            assert all(p.due > now for p in flow.pending.values()), "an attempt due was not handled"
+            due = flow.next_due()
+            assert due == min((p.due for p in flow.pending.values()), default=None)
         live = list(range(flow.generation + 1))
         busy = {p.generation for p in flow.pending.values()}
         assert flow.idle_generations(live) == [g for g in live if g != flow.generation and g not in busy]

@@ -9,7 +9,6 @@ The drivers only move frames and wait.
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,14 +65,16 @@ class RequestFlow:
         self._older: dict[int, int] = {}
         """Requests pending per generation other than the current one. Counted from the moment a generation
         stops being current, so that the commonest case (one generation) pays nothing per request."""
-        self._timers: list[tuple[float, bytes]] = []
+        self._timers: dict[float, deque[tuple[float, bytes]]] = {}
+        """(due, request id) of every attempt, by timeout: each in due order, as the clock never goes back,
+        so that no timer is compared with another to keep them sorted. Stale ones (answered) go lazily."""
 
     def submit(self, env: Envelope, timeout: float, retries: int, now: float) -> None:
         """Record a request that is about to go out on the current generation."""
         if self._generation_born is None:
             self._generation_born = now
         self.pending[env.id] = _Pending(env, timeout, retries, now + timeout, self.generation)
-        heapq.heappush(self._timers, (now + timeout, env.id))
+        self._timer(timeout).append((now + timeout, env.id))
 
     def on_reply(self, env: Envelope) -> tuple[bytes, Any] | None:
         """(request id, outcome) for a reply to a pending request; the outcome may be a RemoteError."""
@@ -90,26 +91,44 @@ class RequestFlow:
         self.stats.replies += 1
         return corr, env.body  # type: ignore[return-value]
 
+    def _timer(self, timeout: float) -> deque[tuple[float, bytes]]:
+        timers = self._timers.get(timeout)
+        if timers is None:
+            timers = self._timers[timeout] = deque()
+        return timers
+
+    def _earliest(self) -> deque[tuple[float, bytes]] | None:
+        """The timers whose first is the earliest live attempt, after dropping stale ones; None when none is live."""
+        earliest = None
+        pending = self.pending
+        for timeout, timers in list(self._timers.items()):
+            while timers:
+                due, rid = timers[0]
+                p = pending.get(rid)
+                if p is not None and p.due == due:
+                    break
+                timers.popleft()
+            if not timers:
+                del self._timers[timeout]
+            elif earliest is None or timers[0][0] < earliest[0][0]:
+                earliest = timers
+        return earliest
+
     def next_due(self) -> float | None:
         """When the earliest pending attempt times out (monotonic seconds), or None."""
-        timers = self._timers
-        while timers:
-            due, rid = timers[0]
-            p = self.pending.get(rid)
-            if p is not None and p.due == due:
-                return due
-            heapq.heappop(timers)
-        return None
+        earliest = self._earliest()
+        return None if earliest is None else earliest[0][0]
 
     def expire(self, now: float) -> tuple[list[tuple[bytes, RequestTimeout]], list[Envelope], bool]:
-        """Handle every attempt due by `now`: (failures, envelopes to resend, open a fresh socket first?)."""
+        """Handle every attempt due by `now` (monotonic, as every `now` given to the flow: never less than an
+        earlier one): (failures, envelopes to resend, open a fresh socket first?)."""
         failures: list[tuple[bytes, RequestTimeout]] = []
         retry: list[_Pending] = []
         while True:
-            due = self.next_due()
-            if due is None or due > now:
+            earliest = self._earliest()
+            if earliest is None or earliest[0][0] > now:
                 break
-            _, rid = heapq.heappop(self._timers)
+            _, rid = earliest.popleft()
             p = self.pending[rid]
             if p.retries_left > 0:
                 retry.append(p)
@@ -139,7 +158,7 @@ class RequestFlow:
             p.retries_left -= 1
             p.env = p.env.with_attempt(p.env.attempt + 1)
             p.due = now + p.timeout
-            heapq.heappush(self._timers, (p.due, p.env.id))
+            self._timer(p.timeout).append((p.due, p.env.id))
             self.stats.retries += 1
             resend.append(p.env)
         return failures, resend, fresh
