@@ -491,8 +491,10 @@ def test_queue_and_service_rights_are_enforced_per_key(secured: Secured) -> None
         worker = readers.worker("jobs", lambda env: None)
         with pytest.raises(FabricError, match="key reader may not take from queue 'jobs'"):
             worker.run(max_messages=1)
-        with pytest.raises(RequestTimeout):
-            readers.requester("pricing", timeout=0.3, retries=0).request("x")
+        # many at once, one per message: most wait together and take the replier's path for waiting requests
+        refused = readers.requester("pricing", timeout=0.3, retries=0).request_many(["x"] * 20, batch=1,
+                                                                                    return_exceptions=True)
+        assert all(isinstance(outcome, RequestTimeout) for outcome in refused)
         assert readers.scatterer("quotes", deadline=0.3).scatter("x").replies == ()
         reader_key = load_pair(secured.keys / "reader.key_secret")
         server = load_pair(secured.keys / "store.key_secret")
@@ -501,10 +503,10 @@ def test_queue_and_service_rights_are_enforced_per_key(secured: Secured) -> None
             client.stats()
 
         assert shop.producer("jobs").send("fine", timeout=5)  # shop has queues: ["*"]
-        assert shop.requester("pricing").request("x") == "price"
+        assert shop.requester("pricing").request_many(["x"] * 20, batch=1) == ["price"] * 20
         assert sorted(shop.scatterer("quotes").scatter("x").bodies) == ["a", "b"]
         assert sidecar.stats.denied == 3 and sidecar.stats.received == 1
-        assert replier.stats.denied == 1 and replier.stats.requests == 1
+        assert replier.stats.denied == 20 and replier.stats.requests == 20
         assert sum(m.stats.denied for m in members) == 2
 
 

@@ -320,10 +320,10 @@ class Replier(_ReplierBase):
                 continue
             handled += 1
             try:  # _parse's commonest case, inlined: one valid request, nobody's key to check
-                request = _decode_message(frames[1])
+                request = None if checked else _decode_message(frames[1])
             except DecodeError:
                 request = None
-            if request is not None and request.kind is _REQUEST and not checked:
+            if request is not None and request.kind is _REQUEST:
                 stats.received += 1
                 stats.requests += 1
             else:  # what _parse says of it, counted and logged
