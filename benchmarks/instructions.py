@@ -133,11 +133,16 @@ def main() -> None:
     unknown = [r for r in roles if r not in MEASURES]
     if unknown:
         sys.exit(f"unknown role(s) {', '.join(unknown)}: choose from {', '.join(ROLES)}")
-    results: dict[str, dict[str, float]] = {}
-    print(f"{'role':<10} {'raw pyzmq':>14} {'zfabric':>14} {'zfabric/raw':>12}   (instructions per message)")
+    plan = []
     for role in roles:
         short = args.short or (2_000 if role in ("requester", "replier") else 20_000)
         long = args.long or short * 5
+        if not 0 < short < long:
+            sys.exit(f"--short must be above 0 and below --long, got {short} and {long}")
+        plan.append((role, short, long))
+    results: dict[str, dict[str, float]] = {}
+    print(f"{'role':<10} {'raw pyzmq':>14} {'zfabric':>14} {'zfabric/raw':>12}   (instructions per message)")
+    for role, short, long in plan:
         per = {}
         for impl in IMPLS:
             counts = [MEASURES[role](impl, n) for n in (short, long)]
