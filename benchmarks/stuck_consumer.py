@@ -8,6 +8,7 @@ waits for it if it resumes. Prints, per side, how many messages the stuck consum
 
     python benchmarks/stuck_consumer.py                       # 1,500,000 messages of ~100 B
     python benchmarks/stuck_consumer.py --messages 500000
+    python benchmarks/stuck_consumer.py --messages 300000 --size 4096
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import msgpack
 import zmq
 
 from zfabric import Consumer, Producer, ReceiveTimeout, SendTimeout
-
-BODY = "x" * 80
 
 
 def reader(receive: Callable[[], bool]) -> tuple[list[int], threading.Event, threading.Thread]:
@@ -39,7 +38,7 @@ def reader(receive: Callable[[], bool]) -> tuple[list[int], threading.Event, thr
     return count, stop, thread
 
 
-def held_raw(messages: int) -> int:
+def held_raw(messages: int, body: str) -> int:
     ctx = zmq.Context()
     fast, stuck, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     try:
@@ -62,7 +61,7 @@ def held_raw(messages: int) -> int:
         sent = 0
         try:
             for n in range(messages):
-                push.send(msgpack.packb([n, BODY]))
+                push.send(msgpack.packb([n, body]))
                 sent += 1
         except zmq.Again:
             pass
@@ -76,7 +75,7 @@ def held_raw(messages: int) -> int:
         ctx.term()
 
 
-def held_zfabric(messages: int) -> tuple[int, int]:
+def held_zfabric(messages: int, body: str) -> tuple[int, int]:
     """(messages the stuck consumer holds, batches the producer's backlog sent)."""
     with Consumer("tcp://127.0.0.1:0") as fast, Consumer("tcp://127.0.0.1:0") as stuck:
         with Producer([fast.endpoint, stuck.endpoint], send_timeout=2.0) as producer:
@@ -93,7 +92,7 @@ def held_zfabric(messages: int) -> tuple[int, int]:
             sent = 0
             try:
                 for n in range(messages):
-                    producer.send([n, BODY])
+                    producer.send([n, body])
                     sent += 1
             except SendTimeout:  # the stuck consumer's share is full and the fast one fell 2 s behind
                 pass
@@ -108,10 +107,12 @@ def held_zfabric(messages: int) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=1_500_000)
+    parser.add_argument("--size", type=int, default=80, help="body bytes of each message (default 80: ~100 B a message)")
     args = parser.parse_args()
-    raw = held_raw(args.messages)
-    zf, batches = held_zfabric(args.messages)
-    print(f"messages sent: {args.messages:,} (~100 B each), default high-water marks (1,000)")
+    body = "x" * args.size
+    raw = held_raw(args.messages, body)
+    zf, batches = held_zfabric(args.messages, body)
+    print(f"messages sent: {args.messages:,} ({args.size:,} B bodies), default high-water marks (1,000)")
     print(f"raw pyzmq PUSH: the stuck consumer holds {raw:,}")
     print(f"zfabric Producer: the stuck consumer holds {zf:,} ({zf / max(1, raw):.2f}x raw; {batches:,} backlog batches sent)")
 
