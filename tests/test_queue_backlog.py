@@ -9,9 +9,18 @@ import time
 from typing import Any
 
 import pytest
+import zmq
 
-from zfabric import Consumer, Producer, ReceiveTimeout, SendTimeout, SocketOptions
-from zfabric.patterns._backlog import BACKLOG_BATCH, BACKLOG_MAX
+from zfabric import (
+    ConfigError,
+    Consumer,
+    Producer,
+    ReceiveTimeout,
+    SendTimeout,
+    SocketOptions,
+)
+from zfabric.patterns._backlog import BACKLOG_BATCH, BACKLOG_MAX, Backlog
+from zfabric.patterns.queue import ProducerCounters
 
 from .conftest import Processes
 
@@ -146,3 +155,54 @@ def test_no_backlog_without_a_consumer() -> None:
                 producer.send({"n": 1}, timeout=0.2)
         assert producer.stats.backlogged == 0 and producer.stats.sent == 0
 
+
+
+@pytest.mark.parametrize("bound", [0, 50])
+def test_a_producer_with_a_smaller_backlog_or_none_loses_nothing_and_keeps_order(bound: int) -> None:
+    with Consumer("tcp://127.0.0.1:0", options=SMALL) as consumer:  # reads nothing until the producer is full
+        with Producer(consumer.endpoint, options=SMALL, backlog=bound) as producer:
+            producer.wait_for_consumers(1, timeout=10)
+            sent = fill(producer)
+            got = [consumer.receive(timeout=5).body["n"] for _ in range(sent)]
+            assert got == list(range(sent))
+            with pytest.raises(ReceiveTimeout):
+                consumer.receive(timeout=0.2)
+            assert producer.stats.send_timeouts == 1
+            if bound == 0:  # every message went straight to ZeroMQ, as through a raw PUSH socket
+                assert producer.stats.backlogged == 0
+                assert producer.stats.batches_sent == 0
+                assert backlog_threads() == []
+            else:
+                assert producer.stats.backlogged > 0
+    assert backlog_threads() == []
+
+
+def test_a_backlog_takes_no_more_than_its_bound() -> None:
+    """Against a socket nobody takes from, the backlog fills to its bound and then refuses, and close() counts
+    everything it took as dropped."""
+    with zmq.Context() as ctx:
+        sock = ctx.socket(zmq.PUSH)
+        sock.bind("tcp://127.0.0.1:0")  # no consumer: the flusher can never send
+        backlog = Backlog(sock, "test", ProducerCounters())
+        backlog.limit = 3
+        with backlog.lock:
+            assert backlog.put([b"first"], timeout=1)  # turns it on; the flusher takes it and waits for room
+        deadline = time.monotonic() + 5
+        while backlog._waiting and time.monotonic() < deadline:  # until the flusher has taken it out
+            time.sleep(0.01)
+        with backlog.lock:
+            taken = 0
+            while backlog.take(b"more"):
+                taken += 1
+                assert taken <= 3
+            assert not backlog.put([b"refused"], timeout=0.1)
+        assert taken == 3
+        assert backlog.close(0.2) == 4  # the first, stuck in the flusher, and the three behind it
+        sock.close(0)
+    assert backlog_threads() == []
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "10", True])
+def test_a_backlog_that_is_not_a_count_is_refused(bad: Any) -> None:
+    with pytest.raises(ConfigError, match="backlog: expected a number of messages"):
+        Producer("inproc://never-connected", backlog=bad)

@@ -28,7 +28,8 @@ from .._socket import send_frames
 log = logging.getLogger("zfabric.queue")
 
 BACKLOG_MAX = 1000
-"""Messages a producer's backlog holds at most (besides the batch being sent); send waits beyond."""
+"""Messages a producer's backlog holds at most by default (besides the batch being sent); send waits beyond.
+`Producer(backlog=N)` sets another bound; 0 turns the backlog off."""
 BACKLOG_MAX_BYTES = 1 << 20
 """Bytes of messages larger than BACKLOG_SMALL a producer's backlog holds at most (one is always taken); the
 small ones are bounded by their count, BACKLOG_MAX * BACKLOG_SMALL at most."""
@@ -60,6 +61,8 @@ class Backlog:
 
     def __init__(self, sock: zmq.Socket[Any], who: str, stats: Any) -> None:
         self.lock = threading.Lock()
+        self.limit = BACKLOG_MAX
+        """Messages held at most (the owner may set another bound); 0: the owner never uses this backlog."""
         self._changed = threading.Condition(self.lock)
         self._sock = sock
         self._who = who
@@ -74,9 +77,9 @@ class Backlog:
 
     def take(self, message: bytes) -> bool:
         """Add a small one-frame message behind an active backlog if there is room now (holding `lock`).
-        (Not counted in bytes: BACKLOG_MAX of them hold at most BACKLOG_MAX * BACKLOG_SMALL.)"""
+        (Not counted in bytes: `limit` of them hold at most `limit` * BACKLOG_SMALL.)"""
         waiting = self._waiting
-        if len(waiting) < BACKLOG_MAX and len(message) <= BACKLOG_SMALL:
+        if len(waiting) < self.limit and len(message) <= BACKLOG_SMALL:
             waiting.append(message)
             return True
         return False
@@ -86,7 +89,7 @@ class Backlog:
         False if there was none in time, and the message was not taken."""
         size = len(frames[0]) if len(frames) == 1 else sum(map(len, frames))
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._waiting and (len(self._waiting) >= BACKLOG_MAX or self._bytes + size > BACKLOG_MAX_BYTES):
+        while self._waiting and (len(self._waiting) >= self.limit or self._bytes + size > BACKLOG_MAX_BYTES):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False

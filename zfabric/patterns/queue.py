@@ -3,9 +3,10 @@
 At-most-once and fast: ZeroMQ acknowledges nothing, so a consumer killed with messages
 in its buffers loses them. Back-pressure is real: when every consumer's queue is full
 (high-water mark), the sync `Producer` takes up to BACKLOG_MAX more small messages into
-its backlog, sent as batches as the consumers catch up (_backlog.py); beyond that, or
-for large messages, `send` blocks, or raises SendTimeout after the timeout given; nothing
-is dropped silently. Either side may bind; by default consumers bind and producers connect.
+its backlog, sent as batches as the consumers catch up (_backlog.py; `backlog=0` turns it
+off); beyond that, or for large messages, `send` blocks, or raises SendTimeout after the
+timeout given; nothing is dropped silently. Either side may bind; by default consumers
+bind and producers connect.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource
 from ..errors import ConfigError, ReadyTimeout, SendTimeout
 from ..options import UNSET, SocketOptions, Unset
-from ._backlog import BACKLOG_SMALL, Backlog, log
+from ._backlog import BACKLOG_MAX, BACKLOG_SMALL, Backlog, log
 
 _RAW = frozenset({bytes, bytearray, memoryview})
 _INLINE = codec.INLINE_MAX
@@ -122,7 +123,15 @@ class Producer(_ProducerBase):
 
     While every consumer's queue is full, small messages wait in a bounded backlog that a
     thread sends as batches once there is room (see _backlog.py): same messages, same order.
+    `backlog` bounds it (messages; default BACKLOG_MAX); 0 turns it off, so that `send` waits
+    as soon as the high-water marks are reached, as a raw PUSH socket's does.
     """
+
+    def __init__(self, endpoints: EndpointArg, *, backlog: int = BACKLOG_MAX, **kwargs: Any) -> None:
+        if type(backlog) is not int or backlog < 0:
+            raise ConfigError(f"backlog: expected a number of messages, 0 or more, got {backlog!r}")
+        super().__init__(endpoints, **kwargs)
+        self._backlog.limit = backlog
 
     def send(self, body: Any, *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
              timeout: float | None | Unset = UNSET) -> Envelope:
@@ -151,7 +160,7 @@ class Producer(_ProducerBase):
             frames = [message]
         else:
             env, frames = self._encode(body, headers, ttl)
-        self._send(frames, limit, may_backlog=True)  # type: ignore[arg-type]
+        self._send(frames, limit, may_backlog=self._backlog.limit > 0)  # type: ignore[arg-type]
         self.stats.sent += 1
         return env
 
