@@ -3,6 +3,7 @@ every one delivered, in order; close() sends the backlog within the linger or sa
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -10,8 +11,10 @@ from typing import Any
 
 import pytest
 import zmq
+import zmq.asyncio
 
 from zfabric import (
+    AsyncProducer,
     ConfigError,
     Consumer,
     Producer,
@@ -19,20 +22,25 @@ from zfabric import (
     SendTimeout,
     SocketOptions,
 )
-from zfabric.patterns._backlog import BACKLOG_BATCH, BACKLOG_MAX, Backlog
+from zfabric.patterns._backlog import BACKLOG_BATCH, BACKLOG_MAX, AsyncBacklog, Backlog
 from zfabric.patterns.queue import ProducerCounters
 
 from .conftest import Processes
+from .faces import Face
 
 SMALL = SocketOptions(send_hwm=5, receive_hwm=5)
 
 
-def fill(producer: Producer, limit: int = 2_000_000) -> int:
+PAD = "x" * 800
+"""Messages of about 850 B, small enough for the backlog, large enough that the OS buffers fill with about 10,000."""
+
+
+def fill(producer: Any, limit: int = 2_000_000) -> int:
     """Send {"n": 0}, {"n": 1}, ... with a short timeout until the queue and the backlog are full; how many went."""
     sent = 0
     with pytest.raises(SendTimeout, match="queue full"):
         while sent < limit:
-            producer.send({"n": sent}, timeout=0.2)
+            producer.send({"n": sent, "pad": PAD}, timeout=0.2)
             sent += 1
     return sent
 
@@ -41,52 +49,57 @@ def backlog_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("zfabric-backlog")]
 
 
-def test_small_messages_wait_in_the_backlog_and_arrive_batched_complete_and_in_order() -> None:
+def test_small_messages_wait_in_the_backlog_and_arrive_batched_complete_and_in_order(face: Face) -> None:
     with Consumer("tcp://127.0.0.1:0", options=SMALL) as consumer:  # reads nothing until the producer is full
-        with Producer(consumer.endpoint, options=SMALL) as producer:
-            producer.wait_for_consumers(1, timeout=10)
-            sent = fill(producer)
-            assert producer.stats.send_timeouts == 1
-            assert producer.stats.sent == sent
-            got = [consumer.receive(timeout=5).body["n"] for _ in range(sent)]
-            assert got == list(range(sent))
-            with pytest.raises(ReceiveTimeout):
-                consumer.receive(timeout=0.2)
-            # The backlog was full when send timed out: those messages all went through it, in batches.
-            assert producer.stats.backlogged >= BACKLOG_MAX
-            assert producer.stats.batches_sent >= BACKLOG_MAX // BACKLOG_BATCH
-            assert producer.stats.backlog_dropped == 0
+        producer = face.producer(consumer.endpoint, options=SMALL)
+        producer.wait_for_consumers(1, timeout=10)
+        sent = fill(producer)
+        assert producer.stats.send_timeouts == 1
+        assert producer.stats.sent == sent
+        got = [consumer.receive(timeout=5).body["n"] for _ in range(sent)]
+        assert got == list(range(sent))
+        with pytest.raises(ReceiveTimeout):
+            consumer.receive(timeout=0.2)
+        # The backlog was full when send timed out: those messages all went through it, in batches.
+        assert producer.stats.backlogged >= BACKLOG_MAX
+        assert producer.stats.batches_sent >= BACKLOG_MAX // BACKLOG_BATCH
+        assert producer.stats.backlog_dropped == 0
+        producer.close()
     assert backlog_threads() == []
 
 
-def test_messages_of_every_shape_keep_their_order_and_content_behind_the_backlog() -> None:
+def test_messages_of_every_shape_keep_their_order_and_content_behind_the_backlog(face: Face) -> None:
     blob = bytes(range(256)) * 400  # 100 KiB of raw bytes: its own frame, never batched nor copied
     text = "é" * 3000  # a 6 KB string: one frame, too large to batch
     with Consumer("tcp://127.0.0.1:0", options=SMALL) as consumer:
-        with Producer(consumer.endpoint, options=SMALL) as producer:
-            producer.wait_for_consumers(1, timeout=10)
-            sent = fill(producer)
-            got: list[Any] = []
-            reader = threading.Thread(target=lambda: got.extend(consumer.receive(timeout=10) for _ in range(sent + 400)))
-            reader.start()
-            expected = []
-            for i in range(100):
-                producer.send({"tail": i}, timeout=10)
-                producer.send(blob, headers={"i": i}, timeout=10)
-                producer.send(text, ttl=60, timeout=10)
-                producer.send({"tail": i, "h": True}, headers={"trace": str(i)}, timeout=10)
-                expected += [{"tail": i}, blob, text, {"tail": i, "h": True}]
-            reader.join(30)
-            assert not reader.is_alive()
+        producer = face.producer(consumer.endpoint, options=SMALL)
+        producer.wait_for_consumers(1, timeout=10)
+        sent = fill(producer)
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.extend(consumer.receive(timeout=10) for _ in range(sent + 500)))
+        reader.start()
+        expected = []
+        for i in range(100):
+            producer.send({"tail": i}, timeout=10)
+            producer.send(blob, headers={"i": i}, timeout=10)
+            producer.send(text, ttl=60, timeout=10)
+            producer.send({"tail": i, "h": True}, headers={"trace": str(i)}, timeout=10)
+            expected += [{"tail": i}, blob, text, {"tail": i, "h": True}]
+        producer.send_batch([{"batch": i} for i in range(50)], timeout=10)  # behind the backlog too
+        producer.send_many([{"many": i} for i in range(50)], timeout=10)
+        expected += [{"batch": i} for i in range(50)] + [{"many": i} for i in range(50)]
+        reader.join(30)
+        assert not reader.is_alive()
     assert [env.body["n"] for env in got[:sent]] == list(range(sent))
     assert [env.body for env in got[sent:]] == expected
-    assert [env.headers for env in got[sent + 1::4]] == [{"i": i} for i in range(100)]
-    assert [env.headers for env in got[sent + 3::4]] == [{"trace": str(i)} for i in range(100)]
+    assert [env.headers for env in got[sent + 1:sent + 400:4]] == [{"i": i} for i in range(100)]
+    assert [env.headers for env in got[sent + 3:sent + 400:4]] == [{"trace": str(i)} for i in range(100)]
 
 
-def test_close_sends_the_backlog_before_closing() -> None:
+def test_close_sends_the_backlog_before_closing(face: Face) -> None:
+    """(The asyncio face's close() sends it without awaiting; `async with` awaits it: the test below.)"""
     with Consumer("tcp://127.0.0.1:0", options=SMALL) as consumer:
-        producer = Producer(consumer.endpoint, options=SMALL.replace(linger_ms=30_000))
+        producer = face.producer(consumer.endpoint, options=SMALL.replace(linger_ms=30_000))
         producer.wait_for_consumers(1, timeout=10)
         sent = fill(producer)
         got: list[int] = []
@@ -99,9 +112,10 @@ def test_close_sends_the_backlog_before_closing() -> None:
     assert backlog_threads() == []
 
 
-def test_a_close_whose_linger_runs_out_counts_and_logs_the_backlog_it_dropped(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_close_whose_linger_runs_out_counts_and_logs_the_backlog_it_dropped(face: Face,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
     with Consumer("tcp://127.0.0.1:0", options=SMALL) as consumer:  # never reads
-        producer = Producer(consumer.endpoint, options=SMALL.replace(linger_ms=300))
+        producer = face.producer(consumer.endpoint, options=SMALL.replace(linger_ms=300))
         producer.wait_for_consumers(1, timeout=10)
         fill(producer)
         start = time.monotonic()
@@ -145,35 +159,36 @@ def test_the_backlog_outlives_a_killed_consumer_and_goes_to_the_next(processes: 
     assert got[0] <= sent - BACKLOG_MAX
 
 
-def test_no_backlog_without_a_consumer() -> None:
+def test_no_backlog_without_a_consumer(face: Face) -> None:
     """With no consumer at all, a send blocks or times out, as the queue promises; nothing is parked."""
     with Consumer("tcp://127.0.0.1:0") as gone:
         endpoint = gone.endpoint
-    with Producer(endpoint) as producer:
-        for _ in range(3):
-            with pytest.raises(SendTimeout):
-                producer.send({"n": 1}, timeout=0.2)
-        assert producer.stats.backlogged == 0 and producer.stats.sent == 0
+    producer = face.producer(endpoint)
+    for _ in range(3):
+        with pytest.raises(SendTimeout):
+            producer.send({"n": 1}, timeout=0.2)
+    assert producer.stats.backlogged == 0 and producer.stats.sent == 0
 
 
 
 @pytest.mark.parametrize("bound", [0, 50])
-def test_a_producer_with_a_smaller_backlog_or_none_loses_nothing_and_keeps_order(bound: int) -> None:
+def test_a_producer_with_a_smaller_backlog_or_none_loses_nothing_and_keeps_order(face: Face, bound: int) -> None:
     with Consumer("tcp://127.0.0.1:0", options=SMALL) as consumer:  # reads nothing until the producer is full
-        with Producer(consumer.endpoint, options=SMALL, backlog=bound) as producer:
-            producer.wait_for_consumers(1, timeout=10)
-            sent = fill(producer)
-            got = [consumer.receive(timeout=5).body["n"] for _ in range(sent)]
-            assert got == list(range(sent))
-            with pytest.raises(ReceiveTimeout):
-                consumer.receive(timeout=0.2)
-            assert producer.stats.send_timeouts == 1
-            if bound == 0:  # every message went straight to ZeroMQ, as through a raw PUSH socket
-                assert producer.stats.backlogged == 0
-                assert producer.stats.batches_sent == 0
-                assert backlog_threads() == []
-            else:
-                assert producer.stats.backlogged > 0
+        producer = face.producer(consumer.endpoint, options=SMALL, backlog=bound)
+        producer.wait_for_consumers(1, timeout=10)
+        sent = fill(producer)
+        got = [consumer.receive(timeout=5).body["n"] for _ in range(sent)]
+        assert got == list(range(sent))
+        with pytest.raises(ReceiveTimeout):
+            consumer.receive(timeout=0.2)
+        assert producer.stats.send_timeouts == 1
+        if bound == 0:  # every message went straight to ZeroMQ, as through a raw PUSH socket
+            assert producer.stats.backlogged == 0
+            assert producer.stats.batches_sent == 0
+            assert backlog_threads() == []
+        else:
+            assert producer.stats.backlogged > 0
+        producer.close()
     assert backlog_threads() == []
 
 
@@ -206,3 +221,65 @@ def test_a_backlog_takes_no_more_than_its_bound() -> None:
 def test_a_backlog_that_is_not_a_count_is_refused(bad: Any) -> None:
     with pytest.raises(ConfigError, match="backlog: expected a number of messages"):
         Producer("inproc://never-connected", backlog=bad)
+
+
+def test_async_with_awaits_the_backlog_before_closing_without_holding_up_the_loop() -> None:
+    """`async with` sends what the backlog holds while the event loop keeps running; nothing is dropped."""
+    got: list[int] = []
+
+    def read(consumer: Consumer, count: int) -> None:
+        time.sleep(0.2)  # the producer is in `async with`'s exit, waiting for room, by then
+        got.extend(consumer.receive(timeout=10).body["n"] for _ in range(count))
+
+    async def scenario(consumer: Consumer) -> tuple[int, int, AsyncProducer, threading.Thread]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        async with AsyncProducer(consumer.endpoint, options=SMALL.replace(linger_ms=30_000)) as producer:
+            await producer.wait_for_consumers(1, timeout=10)
+            sent = 0
+            with pytest.raises(SendTimeout, match="queue full"):
+                while sent < 2_000_000:
+                    await producer.send({"n": sent, "pad": PAD}, timeout=0.2)
+                    sent += 1
+            reader = threading.Thread(target=read, args=(consumer, sent))
+            reader.start()
+            ticker = asyncio.create_task(tick())
+        ticker.cancel()
+        return sent, ticks, producer, reader
+
+    with Consumer("tcp://127.0.0.1:0", options=SMALL) as consumer:  # reads nothing until the producer is full
+        sent, ticks, producer, reader = asyncio.run(scenario(consumer))
+        reader.join(30)
+    assert got == list(range(sent))
+    assert producer.stats.backlogged >= BACKLOG_MAX and producer.stats.backlog_dropped == 0
+    assert ticks >= 50  # the loop ran other tasks (a 1 ms ticker) all the while the backlog waited and drained
+
+
+def test_an_asyncio_backlog_takes_no_more_than_its_bound() -> None:
+    """Against a socket nobody takes from, the asyncio backlog fills to its bound and then refuses (waiting no
+    longer than the timeout), and close() counts everything it took as dropped."""
+
+    async def scenario() -> tuple[int, bool, int]:
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.bind("tcp://127.0.0.1:0")  # no consumer: nothing can be sent
+        backlog = AsyncBacklog(zmq.Socket.shadow(sock.underlying), sock, "test", ProducerCounters())
+        backlog.limit = 3
+        taken = 0
+        while backlog.take([b"more"]):
+            taken += 1
+            assert taken <= 3
+        refused = not await backlog.put([b"refused"], timeout=0.1)
+        dropped = backlog.close(0.2)
+        await asyncio.sleep(0)  # the flusher task ends (cancelled) before its socket closes
+        sock.close(0)
+        ctx.term()
+        return taken, refused, dropped
+
+    assert asyncio.run(scenario()) == (3, True, 3)

@@ -10,14 +10,19 @@ writes out in the same way; here it only fills under back-pressure.)
 
 While the backlog holds anything, the flusher owns the socket and every new message joins the backlog
 behind it, so order is kept; the lock hands the socket back once the backlog is empty.
+
+`Backlog` serves the sync `Producer` with a thread; `AsyncBacklog` serves `AsyncProducer` with a task on
+its event loop, with the same bounds and the same batches (`batch_end`, `batch_frames`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -48,6 +53,45 @@ _POLL_MS = 50
 """How long the flusher waits for room at a time, so that close() is noticed."""
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLOUT = int(zmq.POLLOUT)
+
+
+def is_small(item: Any) -> bool:
+    """True for a message the backlog may batch: one frame (bytes) of at most BACKLOG_SMALL."""
+    return type(item) is bytes and len(item) <= BACKLOG_SMALL
+
+
+def even_share(items: Sequence[bytes]) -> int:
+    """Messages per batch when every one of `items` is small: about BACKLOG_BATCH_BYTES by their average size."""
+    return max(1, min(BACKLOG_BATCH, BACKLOG_BATCH_BYTES * len(items) // max(1, sum(map(len, items)))))
+
+
+def batch_end(items: Sequence[Any], i: int, n: int, per: int | None) -> int:
+    """Where the ZeroMQ message that starts with `items[i]` ends (exclusive, at most `n`): `per` items when all
+    are known to be small, else the small neighbours up to BACKLOG_BATCH and BACKLOG_BATCH_BYTES, and a message
+    that is not small alone."""
+    if per is not None:
+        return min(n, i + per)
+    j, size = i, 0
+    while j < n and j - i < BACKLOG_BATCH and size < BACKLOG_BATCH_BYTES:
+        item = items[j]
+        if not is_small(item):
+            break
+        size += len(item)
+        j += 1
+    return max(j, i + 1)
+
+
+def batch_frames(items: Sequence[Any], i: int, j: int) -> list[Any]:
+    """The frames of the ZeroMQ message that carries `items[i:j]`: a batch of several, or one as it is."""
+    if j - i > 1:
+        return codec.join_batch(items[i:j])
+    item = items[i]
+    return [item] if type(item) is bytes else item
+
+
+def size_of(item: Any) -> int:
+    """Bytes of a message as the backlog keeps it: one frame, or a list of frames."""
+    return len(item) if type(item) is bytes else sum(map(len, item))
 
 
 class Backlog:
@@ -137,28 +181,12 @@ class Backlog:
         `mixed`: some item is not small (checked one by one); else each batch takes an even share."""
         sock, stats = self._sock, self._stats
         i, n = 0, len(items)
-        if not mixed:  # all small: BACKLOG_BATCH_BYTES by their average size
-            per = max(1, min(BACKLOG_BATCH, BACKLOG_BATCH_BYTES * n // max(1, sum(map(len, items)))))
+        per = None if mixed else even_share(items)
         while i < n:
             if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
                 return n - i  # close() is waiting for this thread, past the linger
-            if mixed:
-                j, size = i, 0
-                while j < n and j - i < BACKLOG_BATCH and size < BACKLOG_BATCH_BYTES:
-                    item = items[j]
-                    if type(item) is not bytes or len(item) > BACKLOG_SMALL:
-                        break
-                    size += len(item)
-                    j += 1
-            else:
-                j = min(n, i + per)
-            if j - i > 1:
-                frames = codec.join_batch(items[i:j])
-                stats.batches_sent += 1
-            else:
-                j = i + 1
-                item = items[i]
-                frames = [item] if type(item) is bytes else item
+            j = batch_end(items, i, n, per)
+            frames = batch_frames(items, i, j)
             while True:
                 try:
                     send_frames(sock, frames, _NOBLOCK)
@@ -167,6 +195,7 @@ class Backlog:
                     if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
                         return n - i
                     zmq.zmq_poll([(sock, _POLLOUT)], _POLL_MS)
+            stats.batches_sent += j - i > 1
             i = j
         return 0
 
@@ -194,3 +223,129 @@ class Backlog:
                 self._stats.backlog_dropped += len(self._waiting)
                 self._waiting, self._bytes = [], 0
             return int(self._stats.backlog_dropped - dropped_before)
+
+
+class AsyncBacklog:
+    """The asyncio face's backlog: Backlog's bounds and batches, sent by a task on the producer's event loop.
+
+    Everything runs on that one loop, so there is no lock: a message leaves `_items` only once the socket took
+    the ZeroMQ message that carries it, and a close() that cannot await finds every unsent message there.
+    A producer that never awaits anything else fills the backlog, then waits for room while the task sends.
+    """
+
+    def __init__(self, sock: zmq.Socket[Any], waker: Any, who: str, stats: Any) -> None:
+        self.limit = BACKLOG_MAX
+        """Messages held at most (the owner may set another bound); 0: the owner never uses this backlog."""
+        self._sock = sock  # the socket's sync face: sends that never wait
+        self._waker = waker  # its asyncio face: waits for room
+        self._who = who
+        self._stats = stats
+        self._items: list[Any] = []  # _items[:_head] are sent; the rest wait, in order
+        self._head = 0
+        self._bytes = 0  # of the waiting messages that are not small
+        self._changed = asyncio.Event()  # set whenever the task sent something
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        """True while a message waits here: every new message must go behind it."""
+        return self._head < len(self._items)
+
+    def take(self, frames: list[Any]) -> bool:
+        """Add a message if there is room now (an empty backlog always takes one), starting the task; False if not."""
+        item = frames[0] if len(frames) == 1 else frames
+        size = size_of(item)
+        waiting = len(self._items) - self._head
+        if waiting and (waiting >= self.limit or self._bytes + size > BACKLOG_MAX_BYTES):
+            return False
+        self._items.append(item)
+        if not is_small(item):
+            self._bytes += size
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"zfabric-backlog-{self._who}")
+        return True
+
+    async def put(self, frames: list[Any], timeout: float | None) -> bool:
+        """`take`, waiting at most `timeout` s (None: forever) for room; False if there was none in time."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.take(frames):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                return False
+        return True
+
+    async def wait_empty(self, timeout: float) -> None:
+        """Wait at most `timeout` s until everything taken in was handed to the socket."""
+        deadline = time.monotonic() + timeout
+        while self.active and (left := deadline - time.monotonic()) > 0:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                return
+
+    def _send_next(self) -> bool:
+        """Hand the next ZeroMQ message (a batch, or one message) to the socket if it takes it now; False if not."""
+        items, i = self._items, self._head
+        j = batch_end(items, i, len(items), None)
+        try:
+            send_frames(self._sock, batch_frames(items, i, j), _NOBLOCK)
+        except zmq.Again:
+            return False
+        self._stats.batches_sent += j - i > 1
+        self._stats.backlogged += j - i
+        if j == i + 1 and not is_small(items[i]):
+            self._bytes -= size_of(items[i])
+        self._head = j
+        if j == len(items):
+            items.clear()
+            self._head = self._bytes = 0
+        elif j >= 1024 and 2 * j >= len(items):  # what was sent, forgotten (the list stays within twice its bound)
+            del items[:j]
+            self._head = 0
+        self._changed.set()
+        return True
+
+    async def _run(self) -> None:
+        try:
+            while self.active:
+                if not self._send_next():
+                    await self._waker.poll(_POLL_MS, _POLLOUT)
+        except zmq.ZMQError as exc:  # the socket failed under it (a context terminated): nothing more goes
+            log.error("%s: sending its backlog failed: %s", self._who, exc)
+            self._drop()
+
+    def _drop(self) -> int:
+        dropped = len(self._items) - self._head
+        self._stats.backlog_dropped += dropped
+        self._items.clear()
+        self._head = self._bytes = 0
+        self._changed.set()
+        return dropped
+
+    def close(self, timeout: float | None) -> int:
+        """Send what waits from the caller (on the loop's thread, where the task cannot run meanwhile), for at most
+        `timeout` s (None: forever), and stop the task; how many messages were dropped because the time ran out."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            try:
+                task.cancel()
+            except RuntimeError:  # its loop is closed: the task will never run again anyway
+                pass
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while self.active:
+                if self._send_next():
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                zmq.zmq_poll([(self._sock, _POLLOUT)], _POLL_MS if left is None else min(_POLL_MS, int(left * 1000) + 1))
+        except zmq.ZMQError as exc:
+            log.error("%s: sending its backlog failed: %s", self._who, exc)
+        return self._drop()

@@ -2,7 +2,7 @@
 
 At-most-once and fast: ZeroMQ acknowledges nothing, so a consumer killed with messages
 in its buffers loses them. Back-pressure is real: when every consumer's queue is full
-(high-water mark), the sync `Producer` takes up to BACKLOG_MAX more small messages into
+(high-water mark), a producer (either face) takes up to BACKLOG_MAX more small messages into
 its backlog, sent as batches as the consumers catch up (_backlog.py; `backlog=0` turns it
 off); beyond that, or for large messages, `send` blocks, or raises SendTimeout after the
 timeout given; nothing is dropped silently. Either side may bind; by default consumers
@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import zmq
@@ -26,7 +27,7 @@ from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource
 from ..errors import ConfigError, ReadyTimeout, SendTimeout
 from ..options import UNSET, SocketOptions, Unset
-from ._backlog import BACKLOG_MAX, BACKLOG_SMALL, Backlog, log
+from ._backlog import BACKLOG_MAX, BACKLOG_SMALL, AsyncBacklog, Backlog, log
 
 _RAW = frozenset({bytes, bytearray, memoryview})
 _INLINE = codec.INLINE_MAX
@@ -59,8 +60,7 @@ class _ProducerBase(SocketOwner):
     _watch_peers = True
     _hand_over = True
     _peers: PeerWatch
-    _backlog: Backlog
-    """The sync face's backlog (the asyncio face has none)."""
+    _backlog: Backlog | AsyncBacklog
 
     def __init__(
         self,
@@ -69,17 +69,23 @@ class _ProducerBase(SocketOwner):
         bind: bool | None = None,
         queue: str = "",
         send_timeout: float | None = None,
+        backlog: int = BACKLOG_MAX,
         options: SocketOptions | None = None,
         context: AnyContext | None = None,
     ) -> None:
+        if type(backlog) is not int or backlog < 0:
+            raise ConfigError(f"backlog: expected a number of messages, 0 or more, got {backlog!r}")
         super().__init__(parse_many(endpoints, bind=bind, default_bind=False), options=options, context=context)
         self.queue = queue
         self.send_timeout = send_timeout
         self.stats = ProducerCounters()
         self._ids = IdSource()
         self._stamp = codec.Stamp(self._ids, queue)
-        if not self._asyncio:
+        if self._asyncio:
+            self._backlog = AsyncBacklog(self._sync_sock, self._sock, self._who, self.stats)
+        else:
             self._backlog = Backlog(self._sock, self._who, self.stats)
+        self._backlog.limit = backlog
 
     def _encode(self, body: Any, headers: Mapping[str, Any] | None, ttl: float | None) -> tuple[Envelope, list[Any]]:
         """A new message's envelope and frames, encoded in one pass (the per-message hot path)."""
@@ -113,6 +119,21 @@ class _ProducerBase(SocketOwner):
     def _timeout(self, timeout: float | None | Unset) -> float | None:
         return self.send_timeout if timeout is UNSET else timeout
 
+    def close(self, linger_ms: int | None = None) -> None:
+        """Send what the backlog holds (within the linger), then close as every socket owner does."""
+        if not self._closed:
+            linger = self.options.linger_ms if linger_ms is None else linger_ms
+            started = time.monotonic()
+            dropped = self._backlog.close(None if linger < 0 else linger / 1000)
+            if dropped:
+                log.warning("%s closed after its whole linger of %d ms: %d message(s) of its backlog were never sent, "
+                            "and what ZeroMQ still queued was dropped (consumers slow or gone); raise "
+                            "SocketOptions.linger_ms to wait longer", self._who, linger, dropped)
+                linger_ms = 0
+            else:
+                linger_ms = linger if linger <= 0 else max(0, linger - int((time.monotonic() - started) * 1000))
+        super().close(linger_ms)
+
     def _timed_out(self, timeout: float) -> SendTimeout:
         self.stats.send_timeouts += 1
         return SendTimeout(f"queue full: no consumer accepted the message within {timeout:g} s ({', '.join(self.endpoints)})")
@@ -127,11 +148,7 @@ class Producer(_ProducerBase):
     as soon as the high-water marks are reached, as a raw PUSH socket's does.
     """
 
-    def __init__(self, endpoints: EndpointArg, *, backlog: int = BACKLOG_MAX, **kwargs: Any) -> None:
-        if type(backlog) is not int or backlog < 0:
-            raise ConfigError(f"backlog: expected a number of messages, 0 or more, got {backlog!r}")
-        super().__init__(endpoints, **kwargs)
-        self._backlog.limit = backlog
+    _backlog: Backlog
 
     def send(self, body: Any, *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
              timeout: float | None | Unset = UNSET) -> Envelope:
@@ -246,21 +263,6 @@ class Producer(_ProducerBase):
             raise
         return sent
 
-    def close(self, linger_ms: int | None = None) -> None:
-        """Send what the backlog holds (within the linger), then close as every socket owner does."""
-        if not self._closed:
-            linger = self.options.linger_ms if linger_ms is None else linger_ms
-            started = time.monotonic()
-            dropped = self._backlog.close(None if linger < 0 else linger / 1000)
-            if dropped:
-                log.warning("%s closed after its whole linger of %d ms: %d message(s) of its backlog were never sent, "
-                            "and what ZeroMQ still queued was dropped (consumers slow or gone); raise "
-                            "SocketOptions.linger_ms to wait longer", self._who, linger, dropped)
-                linger_ms = 0
-            else:
-                linger_ms = linger if linger <= 0 else max(0, linger - int((time.monotonic() - started) * 1000))
-        super().close(linger_ms)
-
     def wait_for_consumers(self, count: int = 1, timeout: float = 10.0) -> int:
         """Block until `count` consumers are connected, so a burst is spread over all of them."""
         if self._over_inproc(count):
@@ -275,9 +277,14 @@ class Producer(_ProducerBase):
 
 
 class AsyncProducer(_ProducerBase):
-    """The asyncio face of Producer."""
+    """The asyncio face of Producer, with the same backlog, sent by a task on the event loop.
+
+    `async with` sends what the backlog holds (within the linger) before closing; a plain close()
+    does the same without awaiting, holding up the event loop for at most the linger.
+    """
 
     _asyncio = True
+    _backlog: AsyncBacklog
 
     async def send(self, body: Any, *, headers: Mapping[str, Any] | None = None, ttl: float | None = None,
                    timeout: float | None | Unset = UNSET) -> Envelope:
@@ -285,13 +292,22 @@ class AsyncProducer(_ProducerBase):
         if self._closed:
             self._check_open()
         env, frames = self._encode(body, headers, ttl)
-        try:  # what the socket takes now goes at once, without a coroutine per layer (see _asend)
-            if len(frames) == 1:  # the commonest message, in one compiled send (the shadow, once made: no property)
-                SEND(self._shadow or self._sync_sock, frames[0], _NOBLOCK)
-            else:
-                send_frames(self._sync_sock, frames, _NOBLOCK)
-        except zmq.Again:
-            await self._send(frames, self._timeout(timeout))
+        backlog = self._backlog
+        if backlog.active:
+            if backlog.take(frames):  # behind the backlog, with room: no coroutine more
+                self.stats.sent += 1
+                return env
+        else:
+            try:  # what the socket takes now goes at once, without a coroutine per layer (see _asend)
+                if len(frames) == 1:  # the commonest message, in one compiled send (the shadow, once made: no property)
+                    SEND(self._shadow or self._sync_sock, frames[0], _NOBLOCK)
+                else:
+                    send_frames(self._sync_sock, frames, _NOBLOCK)
+                self.stats.sent += 1
+                return env
+            except zmq.Again:
+                pass
+        await self._send(frames, self._timeout(timeout), may_backlog=backlog.limit > 0)
         self.stats.sent += 1
         return env
 
@@ -301,7 +317,22 @@ class AsyncProducer(_ProducerBase):
         await self._send(codec.encode(env), self._timeout(timeout))
         self.stats.sent += 1
 
-    async def _send(self, frames: list[Any], timeout: float | None) -> None:
+    async def _send(self, frames: list[Any], timeout: float | None, *, may_backlog: bool = False) -> None:
+        """Send one message, in order: behind the backlog while it holds anything; else at once; else, when every
+        queue is full, a small message (`may_backlog`) into the backlog if a consumer is connected; else waiting,
+        as long as `timeout` allows (the sync face's `_send`, with the waits awaited)."""
+        backlog = self._backlog
+        if backlog.active:
+            if not await backlog.put(frames, timeout):
+                raise self._timed_out(timeout)  # type: ignore[arg-type]
+            return
+        if may_backlog and len(frames) == 1 and len(frames[0]) <= BACKLOG_SMALL:
+            try:
+                SEND(self._sync_sock, frames[0], _NOBLOCK)
+                return
+            except zmq.Again:
+                if self._peers.drain() > 0 and backlog.take(frames):  # not with no consumer at all
+                    return
         try:
             await self._asend(frames, timeout)
         except TimeoutError:
@@ -334,6 +365,15 @@ class AsyncProducer(_ProducerBase):
             exc.sent = sent
             raise
         return sent
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        """Send what the backlog holds, awaiting it within the linger, then close."""
+        linger = self.options.linger_ms
+        if not self._closed and self._backlog.active and linger > 0:
+            started = time.monotonic()
+            await self._backlog.wait_empty(linger / 1000)
+            linger = max(0, linger - int((time.monotonic() - started) * 1000))
+        self.close(linger)
 
     async def wait_for_consumers(self, count: int = 1, timeout: float = 10.0) -> int:
         """Wait until `count` consumers are connected."""
