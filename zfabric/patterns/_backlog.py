@@ -236,6 +236,8 @@ class AsyncBacklog:
     def __init__(self, sock: zmq.Socket[Any], waker: Any, who: str, stats: Any) -> None:
         self.limit = BACKLOG_MAX
         """Messages held at most (the owner may set another bound); 0: the owner never uses this backlog."""
+        self.active = False
+        """True while a message waits here: every new message must go behind it."""
         self._sock = sock  # the socket's sync face: sends that never wait
         self._waker = waker  # its asyncio face: waits for room
         self._who = who
@@ -246,13 +248,16 @@ class AsyncBacklog:
         self._changed = asyncio.Event()  # set whenever the task sent something
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def active(self) -> bool:
-        """True while a message waits here: every new message must go behind it."""
-        return self._head < len(self._items)
+    def take(self, message: bytes) -> bool:
+        """Add a small one-frame message behind an active backlog if there is room now."""
+        if len(self._items) - self._head < self.limit and len(message) <= BACKLOG_SMALL:
+            self._items.append(message)
+            return True
+        return False
 
-    def take(self, frames: list[Any]) -> bool:
-        """Add a message if there is room now (an empty backlog always takes one), starting the task; False if not."""
+    def add(self, frames: list[Any]) -> bool:
+        """Add any message if there is room now (an empty backlog always takes one), starting the task if it is not
+        running; False if there is no room."""
         item = frames[0] if len(frames) == 1 else frames
         size = size_of(item)
         waiting = len(self._items) - self._head
@@ -261,14 +266,15 @@ class AsyncBacklog:
         self._items.append(item)
         if not is_small(item):
             self._bytes += size
+        self.active = True
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"zfabric-backlog-{self._who}")
         return True
 
     async def put(self, frames: list[Any], timeout: float | None) -> bool:
-        """`take`, waiting at most `timeout` s (None: forever) for room; False if there was none in time."""
+        """`add`, waiting at most `timeout` s (None: forever) for room; False if there was none in time."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.take(frames):
+        while not self.add(frames):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
@@ -305,6 +311,7 @@ class AsyncBacklog:
         if j == len(items):
             items.clear()
             self._head = self._bytes = 0
+            self.active = False
         elif j >= 1024 and 2 * j >= len(items):  # what was sent, forgotten (the list stays within twice its bound)
             del items[:j]
             self._head = 0
@@ -325,6 +332,7 @@ class AsyncBacklog:
         self._stats.backlog_dropped += dropped
         self._items.clear()
         self._head = self._bytes = 0
+        self.active = False
         self._changed.set()
         return dropped
 
