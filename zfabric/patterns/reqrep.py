@@ -658,10 +658,36 @@ class Requester(_RequesterBase):
         t, r = self._limits(timeout, retries)
         env, frames = self._prepare(body, headers, t, r)  # request_many's work for one body, without its pipeline
         results: list[Any] = [None]
-        self._collect([(self.flow.generation, frames, 1)], {env.id: 0}, results)
+        done, sent = False, False
+        if len(self.flow.pending) == 1 and len(self._sockets) == 1:  # alone in flight, one socket: the short way
+            done, sent = self._alone(env.id, frames, t, results)
+        if not done:
+            self._collect([] if sent else [(self.flow.generation, frames, 1)], {env.id: 0}, results)
         if isinstance(results[0], FabricError):
             raise results[0]
         return results[0]
+
+    def _alone(self, rid: bytes, frames: list[Any], t: float, results: list[Any]) -> tuple[bool, bool]:
+        """request()'s commonest case, the short way: send, wait until the attempt is due, take the reply.
+        (done, sent): done when the reply (or a remote error) is in `results`; anything else (a full socket,
+        a timeout, a stray reply) is left to _collect, which does the rest as for any request."""
+        sock = self._sockets[self.flow.generation]
+        try:
+            send_frames(sock, frames, _NOBLOCK)
+        except zmq.Again:
+            return False, False
+        self.stats.sent += 1
+        try:
+            if zmq.zmq_poll([(sock, _POLLIN)], int(t * 1000) + 1):
+                for _, outcome in self._decode_replies(recv_frames(sock, _NOBLOCK)):  # strays are filtered out,
+                    results[0] = outcome  # and this request is the only one pending: the outcome is its
+                    return True, True
+        except zmq.Again:  # woken with nothing to take after all
+            pass
+        except BaseException:  # interrupted (Ctrl-C, close): never resend it on a later call
+            self.flow.forget(rid)
+            raise
+        return False, True
 
     def request_many(self, bodies: Iterable[Any], *, headers: Mapping[str, Any] | None = None,
                      timeout: float | Unset = UNSET, retries: int | Unset = UNSET,
