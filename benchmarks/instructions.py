@@ -8,7 +8,7 @@ code, msgpack, libzmq and its I/O thread, start-up and tear-down cancelled out. 
 at full speed, outside valgrind. The count leaves out the kernel (the system calls) and cache misses:
 it says how much work each side does, a rate says how fast the machine did it.
 
-    python benchmarks/instructions.py                        # every role, about 6 minutes
+    python benchmarks/instructions.py                        # every role, about 7 minutes
     python benchmarks/instructions.py --roles requester,replier --short 500 --long 2500
 
 Needs valgrind (`apt install valgrind`). Roles:
@@ -17,6 +17,7 @@ Needs valgrind (`apt install valgrind`). Roles:
              fifty-fold, so zfabric's producer sends batches from its backlog, as under back-pressure)
   requester  100 requests in flight, one per message (zfabric: request_many(batch=1)), to an echo replier
   replier    answers such a requester
+  alone      a requester with one request in flight (`request()`, the p50 row), per round trip
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import zmq
 
 ACTORS = [sys.executable, "-m", "zfabric.bench.actors"]
 IMPLS = ("raw", "zf")
-ROLES = ("producer", "consumer", "requester", "replier")
+ROLES = ("producer", "consumer", "requester", "replier", "alone")
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
@@ -103,6 +104,15 @@ def requester(impl: str, count: int) -> int:
         _stop(server)
 
 
+def alone(impl: str, count: int) -> int:
+    server = _spawn("echo-server", impl=impl)
+    try:
+        return _instructions(_measured("rr-client", impl=impl, endpoint=_endpoint(server), count=count, inflight=1,
+                                       size=100), 600)
+    finally:
+        _stop(server)
+
+
 def replier(impl: str, count: int) -> int:
     server = _measured("echo-server", impl=impl)
     try:
@@ -116,7 +126,7 @@ def replier(impl: str, count: int) -> int:
 
 
 MEASURES: dict[str, Callable[[str, int], int]] = {
-    "producer": producer, "consumer": consumer, "requester": requester, "replier": replier,
+    "producer": producer, "consumer": consumer, "requester": requester, "replier": replier, "alone": alone,
 }
 
 
@@ -135,7 +145,7 @@ def main() -> None:
         sys.exit(f"unknown role(s) {', '.join(unknown)}: choose from {', '.join(ROLES)}")
     plan = []
     for role in roles:
-        short = args.short or (2_000 if role in ("requester", "replier") else 20_000)
+        short = args.short or {"requester": 2_000, "replier": 2_000, "alone": 300}.get(role, 20_000)
         long = args.long or short * 5
         if not 0 < short < long:
             sys.exit(f"--short must be above 0 and below --long, got {short} and {long}")
