@@ -34,7 +34,10 @@ def reply_to(req: Envelope, kind: Kind = Kind.REPLY, body: object = "ok") -> Env
 # a retry opens a fresh socket while a later request still waits on the old one, which closes once it is answered
 @example([("submit", 1), ("submit", 3), ("tick", 5), ("tick", 6)], 1)
 # a shorter timeout behind a longer one: its attempt is due first, though its timer queue comes second
-@given(st.lists(st.tuples(st.sampled_from(["submit", "reply", "error", "stray", "tick"]), st.integers(0, 30)), max_size=80),
+@example([("submit", 1), ("wrong", 0), ("tick", 30)], 0)
+# an answer of the wrong kind that names a pending request is a stray: the request still ends (here, timed out)
+@given(st.lists(st.tuples(st.sampled_from(["submit", "reply", "error", "stray", "wrong", "tick"]), st.integers(0, 30)),
+                max_size=80),
        st.integers(0, 3))
 def test_every_request_ends_exactly_once_whatever_happens(ops: list[tuple[str, int]], retries: int) -> None:
     stats = RequestCounters()
@@ -58,6 +61,11 @@ def test_every_request_ends_exactly_once_whatever_happens(ops: list[tuple[str, i
                 ended[out[0]] = out[1]
         elif op == "stray":
             assert flow.on_reply(reply_to(request(-1))) is None
+        elif op == "wrong" and submitted:  # a message or a request that carries a pending request's id
+            target = submitted[arg % len(submitted)]
+            before = stats.stray_replies
+            assert flow.on_reply(reply_to(target, Kind.MESSAGE if arg % 2 else Kind.REQUEST)) is None
+            assert stats.stray_replies == before + 1
         elif op == "tick":
             now += arg / 10
             failures, resend, fresh = flow.expire(now)

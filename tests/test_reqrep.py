@@ -62,6 +62,33 @@ def silent_router(ctx: zmq.Context) -> tuple[zmq.Socket, str]:
     return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def test_an_answer_of_the_wrong_kind_is_a_stray_and_the_request_still_times_out(face: Face, ctx: zmq.Context) -> None:
+    """A replier that answers with a message or a request carrying the request's id (a bug, or hostile) must not
+    end the request: before, it left the request waiting forever, past its timeout."""
+    router, endpoint = silent_router(ctx)
+    ids = IdSource()
+
+    def answer_wrongly() -> None:
+        for kind in (Kind.MESSAGE, Kind.REQUEST):
+            if not router.poll(5000):
+                return
+            route, *frames = router.recv_multipart()
+            request = codec.decode(frames)
+            router.send_multipart([route, *codec.encode(Envelope(ids.next(), kind, "", "wrong",
+                                                                 correlation_id=request.id, created_at=time.time()))])
+
+    server = threading.Thread(target=answer_wrongly, daemon=True)
+    server.start()
+    requester = face.requester(endpoint, timeout=0.5, retries=1)
+    start = time.monotonic()
+    with pytest.raises(RequestTimeout):
+        requester.request("x")
+    assert time.monotonic() - start < 3
+    server.join(5)
+    assert requester.stats.stray_replies == 2  # one for each attempt
+    assert requester.stats.replies == 0
+
+
 def test_timeout_raises_request_timeout_within_ten_percent(face: Face, ctx: zmq.Context) -> None:
     router, endpoint = silent_router(ctx)
     requester = face.requester(endpoint, timeout=0.5, retries=0)

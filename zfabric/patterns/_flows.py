@@ -79,13 +79,15 @@ class RequestFlow:
     def on_reply(self, env: Envelope) -> tuple[bytes, Any] | None:
         """(request id, outcome) for a reply to a pending request; the outcome may be a RemoteError."""
         corr = env.correlation_id
-        p = self.pending.pop(corr, None) if corr is not None else None
-        if p is None or env.kind not in (Kind.REPLY, Kind.ERROR):
+        kind = env.kind
+        # The kind is checked first: anything else that names a pending request must leave it pending.
+        p = self.pending.pop(corr, None) if corr is not None and (kind is Kind.REPLY or kind is Kind.ERROR) else None
+        if p is None:
             self.stats.stray_replies += 1
             return None
         if p.generation != self.generation:
             self._older[p.generation] -= 1
-        if env.kind is Kind.ERROR:
+        if kind is Kind.ERROR:
             self.stats.remote_errors += 1
             return corr, remote_error(env)  # type: ignore[return-value]
         self.stats.replies += 1
