@@ -32,6 +32,8 @@ from ._backlog import BACKLOG_MAX, BACKLOG_SMALL, AsyncBacklog, Backlog, log
 _RAW = frozenset({bytes, bytearray, memoryview})
 _INLINE = codec.INLINE_MAX
 _NOBLOCK = int(zmq.NOBLOCK)
+_SENT, _TO_BACKLOG, _NOT_OFFERED = object(), object(), object()
+"""What `_offer` did with a message."""
 BATCH_COUNT = 1000
 """Envelopes per batch message at most."""
 BATCH_BYTES = 1 << 20
@@ -119,6 +121,18 @@ class _ProducerBase(SocketOwner):
     def _timeout(self, timeout: float | None | Unset) -> float | None:
         return self.send_timeout if timeout is UNSET else timeout
 
+    def _offer(self, frames: list[Any], may_backlog: bool) -> object:
+        """With the backlog empty, a message that may start it (`may_backlog`, small, one frame): _SENT if the
+        socket took it now, _TO_BACKLOG if every queue is full and a consumer is connected (with none at all,
+        a send blocks or times out instead); else _NOT_OFFERED, and the caller sends it waiting."""
+        if not may_backlog or len(frames) != 1 or len(frames[0]) > BACKLOG_SMALL:
+            return _NOT_OFFERED
+        try:
+            SEND(self._sync_sock, frames[0], _NOBLOCK)
+            return _SENT
+        except zmq.Again:
+            return _TO_BACKLOG if self._peers.drain() > 0 else _NOT_OFFERED
+
     def close(self, linger_ms: int | None = None) -> None:
         """Send what the backlog holds (within the linger), then close as every socket owner does."""
         if not self._closed:
@@ -200,17 +214,15 @@ class Producer(_ProducerBase):
                     return
         # The backlog is off. Only this thread's put turns it on, so it stays off, and the flusher has
         # finished with the socket: no lock is needed to use it.
-        if may_backlog and len(frames) == 1 and len(frames[0]) <= BACKLOG_SMALL:
-            try:
-                SEND(self._sock, frames[0], _NOBLOCK)
-                return
-            except zmq.Again:
-                if self._peers.drain() > 0:  # not with no consumer at all: that blocks, or times out
-                    with backlog.lock:
-                        taken = backlog.put(frames, timeout)
-                    if not taken:
-                        raise self._timed_out(timeout) from None  # type: ignore[arg-type]
-                    return
+        offered = self._offer(frames, may_backlog)
+        if offered is _SENT:
+            return
+        if offered is _TO_BACKLOG:
+            with backlog.lock:
+                taken = backlog.put(frames, timeout)
+            if not taken:
+                raise self._timed_out(timeout)  # type: ignore[arg-type]
+            return
         self._send_blocking(frames, timeout)
 
     def _send_blocking(self, frames: list[Any], timeout: float | None) -> None:
@@ -331,13 +343,9 @@ class AsyncProducer(_ProducerBase):
             if not await backlog.put(frames, timeout):
                 raise self._timed_out(timeout)  # type: ignore[arg-type]
             return
-        if may_backlog and len(frames) == 1 and len(frames[0]) <= BACKLOG_SMALL:
-            try:
-                SEND(self._sync_sock, frames[0], _NOBLOCK)
-                return
-            except zmq.Again:
-                if self._peers.drain() > 0 and backlog.add(frames):  # not with no consumer at all
-                    return
+        offered = self._offer(frames, may_backlog)
+        if offered is _SENT or (offered is _TO_BACKLOG and backlog.add(frames)):
+            return
         try:
             await self._asend(frames, timeout)
         except TimeoutError:
