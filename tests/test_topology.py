@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from zfabric import ConfigError, RetryPolicy, SidecarConfig, SocketOptions
+from zfabric import ConfigError, RetryPolicy, SendTimeout, SidecarConfig, SocketOptions
 from zfabric.cli import app
 from zfabric.errors import TopologyError
 from zfabric.topology import (
@@ -107,6 +107,10 @@ services:
     ("queues:\n  q: {address: 127.0.0.1:5571, producers: [a], consumers: [b, c]}\n",
      "queues.q.consumers: 2 consumers (b, c) cannot all bind one address; set bind: producer"),
     ("queues:\n  q: {address: 127.0.0.1:5571, producers: [a]}\n", "queues.q.producers: producers a but no consumers (t.yaml:2)"),
+    ("queues:\n  q: {address: 127.0.0.1:5571, backlog: -5}\n",
+     "queues.q.backlog: expected a number of messages, 0 or more, or null, got -5 (t.yaml:2)"),
+    ("queues:\n  q: {sidecar: main, backlog: 10}\nsidecars:\n  main: {address: 127.0.0.1:5580, store: s.db}\n",
+     "queues.q.backlog: applies only to plain queues"),
     ("forwarders:\n  f: {xsub: 127.0.0.1:5559, xpub: 127.0.0.1:5560}\ntopics:\n  t: {subscribers: [x]}\n",
      "topics.t.subscribers: subscribers x but no publishers (t.yaml:4)"),
     ("forwarders:\n  f: {xsub: '*:5559', xpub: 127.0.0.1:5560}\nservices:\n  s: {address: 127.0.0.1:5559}\n",
@@ -155,7 +159,7 @@ sidecars:
   main: {address: 127.0.0.1:5580, store: data/main.db, synchronous: normal}
 queues:
   orders: {sidecar: main, max_attempts: 3, ttl: 60, producers: [shop], consumers: [warehouse]}
-  mail: {address: 127.0.0.1:5571, bind: producer, send_timeout: 2}
+  mail: {address: 127.0.0.1:5571, bind: producer, send_timeout: 2, backlog: 0}
 services:
   pricing: {address: 127.0.0.1:5590, retries: 0}
 groups:
@@ -171,7 +175,7 @@ def test_yaml_builds_the_same_objects_code_builds(tmp_path: Path) -> None:
         forwarders={"events": ForwarderSpec("tcp://10.0.0.7:5559", "tcp://10.0.0.7:5560")},
         topics={"sales": TopicSpec("events", publishers=("shop",), subscribers=("books",))},
         queues={"orders": QueueSpec(sidecar="main", producers=("shop",), consumers=("warehouse",)),
-                "mail": QueueSpec(address="tcp://127.0.0.1:5571", bind="producer", send_timeout=2)},
+                "mail": QueueSpec(address="tcp://127.0.0.1:5571", bind="producer", send_timeout=2, backlog=0)},
         sidecars={"main": SidecarConfig(store=tmp_path / "data" / "main.db", endpoint="tcp://127.0.0.1:5580",
                                         synchronous="normal", queues={"orders": RetryPolicy(max_attempts=3, ttl=60)})},
         services={"pricing": ServiceSpec("tcp://127.0.0.1:5590", timeout=0.75, retries=0)},
@@ -272,6 +276,29 @@ def test_fabric_gives_every_pattern_by_name_sync(fabric: Fabric) -> None:
     result = fabric.scatterer("quotes").scatter("x")
     assert sorted(result.bodies) == ["a:x", "b:x"]
     assert result.quorum_met
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backlog", [0, None])
+def test_a_queues_backlog_setting_reaches_its_producers(ipc_dir: Path, tmp_path: Path, backlog: int | None) -> None:
+    setting = "" if backlog is None else f", backlog: {backlog}"
+    path = tmp_path / "q.yaml"
+    path.write_text(f'defaults: {{transport: ipc, ipc_dir: "{ipc_dir}", send_hwm: 5, receive_hwm: 5}}\n'
+                    f"queues:\n  jobs: {{send_timeout: 0.2{setting}}}\n")
+    with Fabric.from_topology(path) as fabric:
+        consumer = fabric.consumer("jobs")  # reads nothing until the producer is full
+        producer = fabric.producer("jobs")
+        producer.wait_for_consumers(1, timeout=10)
+        sent = 0
+        with pytest.raises(SendTimeout):
+            while sent < 1_000_000:
+                producer.send({"n": sent})
+                sent += 1
+        assert [consumer.receive(timeout=5).body["n"] for _ in range(sent)] == list(range(sent))
+        if backlog == 0:
+            assert producer.stats.backlogged == 0
+        else:  # the default backlog took messages while the queue was full
+            assert producer.stats.backlogged > 0
 
 
 @pytest.mark.timeout(60)

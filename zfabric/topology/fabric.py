@@ -135,6 +135,8 @@ class Fabric:
         ensure_ipc_dir(spec.address)
         kw = self._common(self.topology.options_for(spec), kwargs, ("queues", queue), server=spec.bind == "producer")
         kw.setdefault("send_timeout", spec.send_timeout)
+        if spec.backlog is not None:
+            kw.setdefault("backlog", spec.backlog)
         return self._keep((AsyncProducer if asyncio else Producer)(spec.address, bind=spec.bind == "producer",
                                                                     queue=queue, **kw))
 

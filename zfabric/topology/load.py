@@ -47,7 +47,7 @@ DEFAULT_KEYS = ["transport", "ipc_dir", *OPTION_KEYS, "request_timeout", "reques
 POLICY_KEYS = [f.name for f in dataclasses.fields(RetryPolicy)]
 FORWARDER_KEYS = ["xsub", "xpub", "options", "key"]
 TOPIC_KEYS = ["forwarder", "publishers", "subscribers"]
-QUEUE_KEYS = ["address", "sidecar", "reliable", "bind", "send_timeout", "producers", "consumers", "options", "key",
+QUEUE_KEYS = ["address", "sidecar", "reliable", "bind", "send_timeout", "backlog", "producers", "consumers", "options", "key",
               *POLICY_KEYS]
 SIDECAR_KEYS = ["address", "store", "synchronous", "lease_timeout", "dedupe_window", "cache_limit", "key"]
 SERVICE_KEYS = ["address", "timeout", "retries", "servers", "clients", "options", "key"]
@@ -393,7 +393,7 @@ class _Reader:
                 if not isinstance(sidecar, str):
                     self.problem((*path, "sidecar"), f"expected a sidecar name, got {_shown(sidecar)}")
                     return None
-                for key in ("address", "bind", "send_timeout"):
+                for key in ("address", "bind", "send_timeout", "backlog"):
                     if key in data:
                         self.problem((*path, key), "applies only to plain queues; producers and workers of a reliable "
                                                    "queue connect to its sidecar's address")
@@ -416,6 +416,7 @@ class _Reader:
                 return None
             return self.build(path, data, lambda: QueueSpec(
                 address=address, bind=data.get("bind", "consumer"), send_timeout=data.get("send_timeout", extra["send_timeout"]),
+                backlog=data.get("backlog"),
                 producers=self.names((*path, "producers"), data.get("producers")),
                 consumers=self.names((*path, "consumers"), data.get("consumers")), options=options))
 

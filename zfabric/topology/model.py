@@ -94,6 +94,8 @@ class QueueSpec:
     """Plain queues: which side binds `address` (several consumer processes need `producer`)."""
     send_timeout: float | None = None
     """Plain queues: seconds a send may block on a full queue before SendTimeout (None: forever)."""
+    backlog: int | None = None
+    """Plain queues: messages a producer's backlog holds at most (None: the library's default; 0: no backlog)."""
     producers: tuple[str, ...] = ()
     consumers: tuple[str, ...] = ()
     options: SocketOptions | None = None
@@ -108,6 +110,8 @@ class QueueSpec:
         if self.send_timeout is not None and (isinstance(self.send_timeout, bool)
                                               or not isinstance(self.send_timeout, (int, float)) or self.send_timeout <= 0):
             raise ConfigError(f"send_timeout: expected a positive number of seconds or null, got {self.send_timeout!r}")
+        if self.backlog is not None and (type(self.backlog) is not int or self.backlog < 0):
+            raise ConfigError(f"backlog: expected a number of messages, 0 or more, or null, got {self.backlog!r}")
         object.__setattr__(self, "producers", _names(self.producers, "producers"))
         object.__setattr__(self, "consumers", _names(self.consumers, "consumers"))
 
