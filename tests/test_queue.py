@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -143,6 +144,21 @@ def test_sending_with_no_consumer_raises_send_timeout_instead_of_parking_the_mes
     assert 0.25 <= time.monotonic() - start < 1.5
     with pytest.raises(ReadyTimeout, match="0 of 1 consumer"):
         producer.wait_for_consumers(1, timeout=0.2)
+
+
+def test_infinite_timeouts_wait_instead_of_failing(ctx: zmq.Context, face: Face) -> None:
+    consumer = face.consumer("tcp://127.0.0.1:0")
+    producer = face.producer(consumer.endpoint)
+    assert producer.wait_for_consumers(1, timeout=math.inf) == 1
+    later = threading.Timer(0.2, producer.send, ({"n": 1},), {"timeout": math.inf})
+    later.start()
+    try:
+        assert consumer.receive(timeout=math.inf).body == {"n": 1}  # waits for the message sent 0.2 s later
+    finally:
+        later.join(5)
+    address = f"inproc://forever-{uuid.uuid4().hex}"
+    face.consumer(address, bind=True, context=ctx)
+    assert face.producer(address, context=ctx).wait_for_consumers(1, timeout=math.inf) == 1
 
 
 def test_wait_for_consumers_over_inproc(ctx: zmq.Context, face: Face) -> None:

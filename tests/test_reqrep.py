@@ -101,6 +101,18 @@ def test_timeout_raises_request_timeout_within_ten_percent(face: Face, ctx: zmq.
     assert router.poll(1000, zmq.POLLIN), "the request never reached the replier"
 
 
+def test_an_infinite_or_huge_timeout_waits_for_the_reply(face: Face) -> None:
+    def slow_echo(env: Envelope) -> Any:
+        time.sleep(0.2)
+        return env.body
+
+    replier = face.replier("tcp://127.0.0.1:0", slow_echo)
+    requester = face.requester(replier.endpoint, timeout=math.inf)
+    assert requester.request("a") == "a"
+    assert requester.request("b", timeout=1e10) == "b"  # beyond what a ZeroMQ timeout can hold
+    assert requester.request_many(["c", "d"], timeout=1e10) == ["c", "d"]
+
+
 def test_retries_go_out_on_fresh_sockets_with_the_same_id_and_counted_attempts(face: Face, ctx: zmq.Context) -> None:
     router, endpoint = silent_router(ctx)
     requester = face.requester(endpoint, timeout=0.3, retries=2)

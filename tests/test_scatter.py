@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -100,3 +101,12 @@ def test_group_validation(face: Face) -> None:
         face.scatterer({"a": "tcp://127.0.0.1:1"}, quorum=2)
     with pytest.raises(ConfigError, match="at least one member"):
         face.scatterer({})
+    with pytest.raises(ConfigError, match=r"mapping of name -> endpoint or \(name, endpoint\) pairs"):
+        face.scatterer([unused_endpoint()])  # endpoints without names
+
+
+def test_an_infinite_deadline_waits_for_every_member(face: Face, repliers: dict[str, Any]) -> None:
+    scatterer = face.scatterer({name: r.endpoint for name, r in repliers.items()}, deadline=math.inf)
+    result = scatterer.scatter({"round": 1})
+    assert result.complete
+    assert sorted(result.answered) == ["a", "bb", "ccc", "slow"]

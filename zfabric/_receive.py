@@ -19,7 +19,7 @@ import zmq
 from . import codec
 from ._counters import Counters
 from ._logs import Throttled
-from ._socket import RECV, SocketOwner, peer_of, readable, rearm, recv_rest
+from ._socket import RECV, SocketOwner, peer_of, readable, rearm, recv_rest, wait_ms
 from .envelope import Envelope
 from .errors import DecodeError, ReceiveTimeout
 
@@ -137,8 +137,7 @@ class Inbox(SocketOwner):
 
 def _remaining_ms(deadline: float) -> int:
     """Milliseconds left until `deadline`, rounded up so a poll never spins; 0 once passed."""
-    left = deadline - time.monotonic()
-    return int(left * 1000) + 1 if left > 0 else 0
+    return wait_ms(deadline - time.monotonic())
 
 
 class SyncInbox(Inbox):

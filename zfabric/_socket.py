@@ -191,6 +191,16 @@ _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _zmq_poll = zmq.zmq_poll
+WAIT_MS_MAX = (1 << 31) - 1
+"""The longest wait ZeroMQ takes in one call (its timeouts are C ints): about 24.8 days."""
+
+
+def wait_ms(seconds: float) -> int:
+    """Milliseconds for a poll or receive timeout of `seconds`, rounded up so a wait never ends early and spins;
+    0 once passed. Capped at WAIT_MS_MAX, so a huge or infinite timeout waits long instead of overflowing."""
+    if seconds <= 0:
+        return 0
+    return int(seconds * 1000) + 1 if seconds < 2_000_000 else WAIT_MS_MAX
 
 
 def readable(sock: zmq.Socket[Any], timeout_ms: int) -> bool:

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 
 from .. import codec
-from .._socket import send_frames
+from .._socket import send_frames, wait_ms
 
 log = logging.getLogger("zfabric.queue")
 
@@ -353,7 +353,7 @@ class AsyncBacklog:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                zmq.zmq_poll([(self._sock, _POLLOUT)], _POLL_MS if left is None else min(_POLL_MS, int(left * 1000) + 1))
+                zmq.zmq_poll([(self._sock, _POLLOUT)], _POLL_MS if left is None else min(_POLL_MS, wait_ms(left)))
         except zmq.ZMQError as exc:
             log.error("%s: sending its backlog failed: %s", self._who, exc)
         return self._drop()

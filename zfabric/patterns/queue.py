@@ -22,7 +22,7 @@ import zmq
 from .. import codec
 from .._counters import Counters
 from .._receive import AsyncInbox, Inbox, SyncInbox, _remaining_ms
-from .._socket import SEND, AnyContext, PeerWatch, SocketOwner, send_frames
+from .._socket import SEND, AnyContext, PeerWatch, SocketOwner, send_frames, wait_ms
 from ..endpoint import EndpointArg, parse_many
 from ..envelope import Envelope, IdSource
 from ..errors import ConfigError, ReadyTimeout, SendTimeout
@@ -278,7 +278,7 @@ class Producer(_ProducerBase):
     def wait_for_consumers(self, count: int = 1, timeout: float = 10.0) -> int:
         """Block until `count` consumers are connected, so a burst is spread over all of them."""
         if self._over_inproc(count):
-            if not self._sock.poll(int(timeout * 1000), zmq.POLLOUT):
+            if not self._sock.poll(wait_ms(timeout), zmq.POLLOUT):
                 raise ReadyTimeout(f"no consumer connected after {timeout:g} s")
             return 1
         deadline = time.monotonic() + timeout
@@ -391,7 +391,7 @@ class AsyncProducer(_ProducerBase):
     async def wait_for_consumers(self, count: int = 1, timeout: float = 10.0) -> int:
         """Wait until `count` consumers are connected."""
         if self._over_inproc(count):
-            if not await self._sock.poll(int(timeout * 1000), zmq.POLLOUT):
+            if not await self._sock.poll(wait_ms(timeout), zmq.POLLOUT):
                 raise ReadyTimeout(f"no consumer connected after {timeout:g} s")
             return 1
         deadline = time.monotonic() + timeout

@@ -43,6 +43,7 @@ from .._socket import (
     recv_frames_with_user,
     send_frames,
     user_of,
+    wait_ms,
     waiting,
 )
 from ..endpoint import Endpoint, EndpointArg, parse_many
@@ -678,7 +679,7 @@ class Requester(_RequesterBase):
             return False, False
         self.stats.sent += 1
         try:
-            if zmq.zmq_poll([(sock, _POLLIN)], int(t * 1000) + 1):
+            if zmq.zmq_poll([(sock, _POLLIN)], wait_ms(t)):
                 for _, outcome in self._decode_replies(recv_frames(sock, _NOBLOCK)):  # strays are filtered out,
                     results[0] = outcome  # and this request is the only one pending: the outcome is its
                     return True, True
@@ -721,7 +722,7 @@ class Requester(_RequesterBase):
             outbox = self._flush(outgoing)
             while order:
                 due = self.flow.next_due()
-                wait = 100 if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
+                wait = 100 if due is None else wait_ms(due - time.monotonic())
                 current = self._sockets[self.flow.generation]
                 zmq.zmq_poll([(s, _POLLIN | (_POLLOUT if outbox and s is current else 0)) for s in self._sockets.values()], wait)
                 for sock in self._sockets.values():

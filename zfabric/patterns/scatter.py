@@ -28,6 +28,7 @@ from .._socket import (
     rearm,
     recv_frames,
     send_frames,
+    wait_ms,
 )
 from ..endpoint import Endpoint
 from ..envelope import Envelope, IdSource, Kind
@@ -47,6 +48,10 @@ def _members(members: Members) -> list[tuple[str, Endpoint]]:
     items = list(members.items()) if isinstance(members, Mapping) else list(members)
     if not items:
         raise ConfigError("a scatter group needs at least one member")
+    for item in items:
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise ConfigError(f"members must be a mapping of name -> endpoint or (name, endpoint) pairs, got {item!r} "
+                              "in the group")
     names = [name for name, _ in items]
     if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
         raise ConfigError(f"member names must be unique, non-empty strings, got {names}")
@@ -130,7 +135,7 @@ class Scatterer(_ScattererBase):
         sock = self._sock
         self._send_all(round_, frames, lambda f: send_frames(sock, f, zmq.NOBLOCK))
         while not round_.finished(time.monotonic()):
-            wait = max(0, int((round_.deadline - time.monotonic()) * 1000) + 1)
+            wait = wait_ms(round_.deadline - time.monotonic())
             if not sock.poll(wait, zmq.POLLIN):
                 continue
             while True:

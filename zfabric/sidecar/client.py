@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from .._socket import AnyContext, SocketOwner, recv_frames, send_frames
+from .._socket import AnyContext, SocketOwner, recv_frames, send_frames, wait_ms
 from ..endpoint import parse_many
 from ..errors import ConfigError, FabricError, FabricTimeout
 from ..options import SocketOptions
@@ -41,7 +41,7 @@ class SidecarClient(SocketOwner):
         deadline = time.monotonic() + self.timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+            if left <= 0 or not self._sock.poll(wait_ms(left), zmq.POLLIN):
                 raise FabricTimeout(f"sidecar at {self.endpoint} did not answer {op!r} within {self.timeout:g} s "
                                     "(is it running? for a stopped sidecar use --store FILE)")
             frames = recv_frames(self._sock)
