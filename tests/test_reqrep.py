@@ -101,6 +101,16 @@ def test_timeout_raises_request_timeout_within_ten_percent(face: Face, ctx: zmq.
     assert router.poll(1000, zmq.POLLIN), "the request never reached the replier"
 
 
+def test_a_call_timeout_shorter_or_longer_than_the_requesters_applies(face: Face, ctx: zmq.Context) -> None:
+    _, endpoint = silent_router(ctx)
+    requester = face.requester(endpoint, timeout=5.0, retries=1)  # each retry goes out on a fresh socket
+    for timeout in (0.2, 0.2, 0.2, 0.4, 0.2):  # the same timeout on a new socket too
+        start = time.monotonic()
+        with pytest.raises(RequestTimeout):
+            requester.request("x", timeout=timeout)
+        assert 2 * timeout <= time.monotonic() - start < 2 * timeout + 0.2, timeout
+
+
 def test_an_infinite_or_huge_timeout_waits_for_the_reply(face: Face) -> None:
     def slow_echo(env: Envelope) -> Any:
         time.sleep(0.2)

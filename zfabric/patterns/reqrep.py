@@ -506,6 +506,8 @@ class _RequesterBase:
         self.endpoints = self._owner.endpoints
         self._who = f"{type(self).__name__} on {self.endpoint}"
         self._sockets: dict[int, Any] = {0: self._owner._sock}  # generation -> socket of this face
+        self._receive_timeout: tuple[int, int] | None = None
+        """(generation, ms) of the receive timeout last set, for `Requester._alone`."""
 
     @property
     def endpoint(self) -> str:
@@ -672,18 +674,22 @@ class Requester(_RequesterBase):
         """request()'s commonest case, the short way: send, wait until the attempt is due, take the reply.
         (done, sent): done when the reply (or a remote error) is in `results`; anything else (a full socket,
         a timeout, a stray reply) is left to _collect, which does the rest as for any request."""
-        sock = self._sockets[self.flow.generation]
+        generation = self.flow.generation
+        sock = self._sockets[generation]
         try:
             send_frames(sock, frames, _NOBLOCK)
         except zmq.Again:
             return False, False
         self.stats.sent += 1
-        try:
-            if zmq.zmq_poll([(sock, _POLLIN)], wait_ms(t)):
-                for _, outcome in self._decode_replies(recv_frames(sock, _NOBLOCK)):  # strays are filtered out,
-                    results[0] = outcome  # and this request is the only one pending: the outcome is its
-                    return True, True
-        except zmq.Again:  # woken with nothing to take after all
+        wait = (generation, wait_ms(t))
+        if wait != self._receive_timeout:  # set once per socket and timeout, not per request
+            sock.setsockopt(zmq.RCVTIMEO, wait[1])
+            self._receive_timeout = wait
+        try:  # a receive that waits wakes sooner than a poll and a receive (about 10 us of a 100 us round trip)
+            for _, outcome in self._decode_replies(recv_frames(sock)):  # strays are filtered out, and this
+                results[0] = outcome  # request is the only one pending: the outcome is its
+                return True, True
+        except zmq.Again:  # the attempt is due with no reply
             pass
         except BaseException:  # interrupted (Ctrl-C, close): never resend it on a later call
             self.flow.forget(rid)
