@@ -506,8 +506,8 @@ class _RequesterBase:
         self.endpoints = self._owner.endpoints
         self._who = f"{type(self).__name__} on {self.endpoint}"
         self._sockets: dict[int, Any] = {0: self._owner._sock}  # generation -> socket of this face
-        self._receive_timeout: tuple[int, int] | None = None
-        """(generation, ms) of the receive timeout last set, for `Requester._alone`."""
+        self._receive_timeout: tuple[int, float] | None = None
+        """(generation, seconds) of the receive timeout last set, for `Requester._alone`."""
 
     @property
     def endpoint(self) -> str:
@@ -681,9 +681,9 @@ class Requester(_RequesterBase):
         except zmq.Again:
             return False, False
         self.stats.sent += 1
-        wait = (generation, wait_ms(t))
+        wait = (generation, t)
         if wait != self._receive_timeout:  # set once per socket and timeout, not per request
-            sock.setsockopt(zmq.RCVTIMEO, wait[1])
+            sock.setsockopt(zmq.RCVTIMEO, wait_ms(t))
             self._receive_timeout = wait
         try:  # a receive that waits wakes sooner than a poll and a receive (about 10 us of a 100 us round trip)
             for _, outcome in self._decode_replies(recv_frames(sock)):  # strays are filtered out, and this
