@@ -1,9 +1,8 @@
 """Envelope <-> ZeroMQ frames, msgpack only (never pickle). The layout is docs/wire.md.
 
-A message is one frame, the header array with the body appended, decoded and checked in one
-call of a typed msgspec decoder (compiled: no Python runs per field); a large raw (bytes) body
-travels as a frame of its own, `[header, body]`, so it is never copied into an encoder.
-msgpack-python encodes; msgspec decodes, so every decoding path shares msgspec's rules. Published messages put the topic first, so ZeroMQ's
+A message is one frame, the header array with the body appended, decoded in one msgpack
+call; a large raw (bytes) body travels as a frame of its own, `[header, body]`, so it is
+never copied into an encoder. Published messages put the topic first, so ZeroMQ's
 prefix matching works at every hop. Every failure to decode raises `DecodeError` carrying
 the raw frames.
 """
@@ -13,10 +12,9 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import msgpack
-import msgspec
 
 from .envelope import Envelope, IdSource, Kind
 from .errors import ConfigError, DecodeError, EncodeError
@@ -64,6 +62,9 @@ def validate_topic(topic: str) -> bytes:
     return data
 
 _KINDS = tuple(Kind)
+_KIND_COUNT = len(_KINDS)
+_NUMBERS = (float, int)
+_unpackb = msgpack.unpackb
 _make_envelope = tuple.__new__  # every field was validated just above; skip NamedTuple's argument parsing
 _RAW_TYPES = (bytes, bytearray, memoryview)
 _RAW_SET = frozenset(_RAW_TYPES)
@@ -71,21 +72,16 @@ Buffer = Any
 """bytes, or any object msgpack can read in place (a memoryview, a received zmq.Frame)."""
 
 
-def _refuse_ext(code: int, data: bytes | memoryview) -> Any:
+def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
-_Entry = tuple[
-    Literal[1], Kind, Annotated[bytes, msgspec.Meta(min_length=1)], str, bytes | None, str | None,
-    Annotated[int, msgspec.Meta(ge=1)], float, float | None, dict[str, Any], Annotated[int, msgspec.Meta(ge=0)] | None,
-    Literal[0, 1], Any,
-]
-"""A v1 one-frame message as the typed decoder checks it: the 12 header fields (docs/wire.md), then the body."""
-_decode_entry = msgspec.msgpack.Decoder(_Entry, ext_hook=_refuse_ext).decode
-_decode_entries = msgspec.msgpack.Decoder(list[_Entry], ext_hook=_refuse_ext).decode
-_decode_any = msgspec.msgpack.Decoder(ext_hook=_refuse_ext).decode
-"""Untyped: for what the typed decoders refuse, checked field by field for a precise error, and for headers and
-bodies in frames of their own."""
+def _unpack_header(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext, use_list=True)
+
+
+def _unpack_body(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_refuse_ext, use_list=True)
 
 
 def unencodable_body(body: Any, exc: Exception) -> EncodeError:
@@ -190,24 +186,28 @@ def decode_published(frames: Sequence[bytes]) -> Envelope:
 def decode_message(frame: Buffer, frames: Sequence[bytes] | None = None) -> Envelope:
     """The envelope in a one-frame message (the header array with the body as its last element).
 
-    `frame` may be any buffer, a received `zmq.Frame` too: msgspec reads it in place."""
+    `frame` may be any buffer, a received `zmq.Frame` too: msgpack reads it in place."""
     try:
-        _, kind, id_, topic, corr, reply_to, attempt, created, deadline, headers, seq, fmt, body = _decode_entry(frame)
-        if fmt == BODY_MSGPACK or type(body) is bytes:
-            return _make_envelope(Envelope, (id_, kind, topic, body, corr, reply_to, attempt, created, deadline,
-                                             headers, seq))
-    except Exception:  # noqa: S110 - refused by the typed decoder: decoded again below, for a precise error
-        pass
-    return _slow_entry(frame, frames if frames is not None else [frame])
+        entry = _unpackb(frame, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
+    except Exception as exc:  # msgpack raises several unrelated types for hostile input
+        raise DecodeError(f"message is not valid msgpack: {exc}", frames if frames is not None else [frame]) from None
+    return _fast_entry(entry) or _from_entry(entry, frames if frames is not None else [frame])
 
 
-def _slow_entry(frame: Buffer, frames: Sequence[bytes]) -> Envelope:
-    """What the typed decoder refused: a later minor version's longer header, or an error that names the field."""
-    try:
-        entry = _decode_any(frame)
-    except Exception as exc:  # the decoder raises several unrelated types for hostile input
-        raise DecodeError(f"message is not valid msgpack: {exc}", frames) from None
-    return _from_entry(entry, frames)
+def _fast_entry(entry: Any) -> Envelope | None:
+    """The envelope of a well-formed 13-element entry with no headers, checked in one expression;
+    None for anything else, which `_from_entry` then checks field by field for a precise error."""
+    if type(entry) is list and len(entry) == HEADER_FIELDS + 1:
+        version, kind, id_, topic, corr, reply_to, attempt, created, deadline, headers, seq, fmt, body = entry
+        if (version == VERSION and type(kind) is int and 0 <= kind < _KIND_COUNT and type(id_) is bytes and id_
+                and type(topic) is str and (corr is None or type(corr) is bytes)
+                and (reply_to is None or type(reply_to) is str) and type(attempt) is int and attempt >= 1
+                and type(created) in _NUMBERS and (deadline is None or type(deadline) in _NUMBERS)
+                and type(headers) is dict and not headers and (seq is None or (type(seq) is int and seq >= 0))
+                and (fmt == BODY_MSGPACK or (fmt == BODY_RAW and type(body) is bytes))):
+            return _make_envelope(Envelope, (id_, _KINDS[kind], topic, body, corr, reply_to, attempt, created,
+                                             deadline, headers, seq))
+    return None
 
 
 def _from_entry(entry: Any, frames: Sequence[bytes]) -> Envelope:
@@ -216,6 +216,8 @@ def _from_entry(entry: Any, frames: Sequence[bytes]) -> Envelope:
         raise DecodeError(f"message must be an array of at least {HEADER_FIELDS + 1} elements (header and body)", frames)
     body = entry[-1]
     fields, fmt = _validate(entry[:HEADER_FIELDS], frames)
+    if fields[9] and any(type(k) is not str for k in fields[9]):
+        raise DecodeError("header keys must be strings", frames)
     if fmt == BODY_RAW and type(body) is not bytes:
         raise DecodeError("raw body must be bytes", frames)
     return _make_envelope(Envelope, (*fields[:3], body, *fields[4:]))
@@ -234,7 +236,7 @@ def decode_header(header: bytes, frames: Sequence[bytes] | None = None) -> Envel
 def _check_header(header: bytes, frames: Sequence[bytes]) -> tuple[tuple[Any, ...], Any]:
     """The validated envelope fields of a header (body None) and its body format."""
     try:
-        h = _decode_any(header)
+        h = _unpack_header(header)
     except Exception as exc:  # msgpack raises several unrelated types for hostile input
         raise DecodeError(f"header is not valid msgpack: {exc}", frames) from None
     return _validate(h, frames)
@@ -264,14 +266,11 @@ def _validate(h: Any, frames: Sequence[bytes]) -> tuple[tuple[Any, ...], Any]:
         raise DecodeError("deadline must be a number or nil", frames)
     if type(headers) is not dict:
         raise DecodeError("headers must be a map", frames)
-    if any(type(k) is not str for k in headers):
-        raise DecodeError("header keys must be strings", frames)
     if seq is not None and (type(seq) is not int or seq < 0):
         raise DecodeError("seq must be a non-negative integer or nil", frames)
     if fmt != BODY_RAW and fmt != BODY_MSGPACK:
         raise DecodeError(f"unknown body format {fmt!r}", frames)
-    return (id_, _KINDS[kind], topic, None, corr, reply_to, attempt, float(created),
-            None if deadline is None else float(deadline), headers, seq), fmt  # times as floats, as the typed decoder
+    return (id_, _KINDS[kind], topic, None, corr, reply_to, attempt, created, deadline, headers, seq), fmt
 
 
 def _decode(header: bytes, body: bytes, frames: Sequence[bytes]) -> Envelope:
@@ -280,7 +279,7 @@ def _decode(header: bytes, body: bytes, frames: Sequence[bytes]) -> Envelope:
         value: Any = bytes(body)
     elif fmt == BODY_MSGPACK:
         try:
-            value = _decode_any(body)
+            value = _unpack_body(body)
         except Exception as exc:
             raise DecodeError(f"body is not valid msgpack: {exc}", frames) from None
     return _make_envelope(Envelope, (*fields[:3], value, *fields[4:]))
@@ -350,29 +349,21 @@ def decode_batch(frames: Sequence[bytes]) -> list[Envelope]:
     if not is_batch(frames):
         raise DecodeError("not a batch", frames)
     try:
-        head = _decode_any(frames[0])
-    except Exception as exc:
-        raise DecodeError(f"batch is not valid msgpack: {exc}", frames) from None
-    try:
-        typed = _decode_entries(frames[1])
-    except Exception:  # refused by the typed decoder: checked entry by entry below, for a precise error
-        typed = None
-    if typed is not None and type(head) is list and len(head) == 3 and head[2] == len(typed):
-        out = [_make_envelope(Envelope, (id_, kind, topic, body, corr, reply_to, attempt, created, deadline, headers, seq))
-               for _, kind, id_, topic, corr, reply_to, attempt, created, deadline, headers, seq, fmt, body in typed
-               if fmt == BODY_MSGPACK or type(body) is bytes]
-        if len(out) == len(typed):  # no raw-format entry without a bytes body
-            return out
-    try:
-        entries = _decode_any(frames[1])
+        head = _unpack_header(frames[0])
+        entries = _unpack_body(frames[1])
     except Exception as exc:
         raise DecodeError(f"batch is not valid msgpack: {exc}", frames) from None
     if type(head) is not list or len(head) != 3 or type(entries) is not list or head[2] != len(entries):
         raise DecodeError("batch header does not match its entries", frames)
+    out = []
     for entry in entries:
-        if type(entry) is not list or len(entry) != HEADER_FIELDS + 1:
-            raise DecodeError(f"batch entry must be an array of {HEADER_FIELDS + 1} elements", frames)
-    return [_from_entry(entry, frames) for entry in entries]
+        env = _fast_entry(entry)
+        if env is None:
+            if type(entry) is not list or len(entry) != HEADER_FIELDS + 1:
+                raise DecodeError(f"batch entry must be an array of {HEADER_FIELDS + 1} elements", frames)
+            env = _from_entry(entry, frames)
+        out.append(env)
+    return out
 
 
 def decode_many(frames: Sequence[bytes]) -> list[Envelope]:
