@@ -252,6 +252,14 @@ def test_mutated_valid_frames_decode_or_raise_decode_error(data: st.DataObject) 
     assert isinstance(env, Envelope)
 
 
+def test_extension_types_are_refused_but_a_timestamp_arrives_as_msgpacks_own() -> None:
+    with pytest.raises(DecodeError, match="extension type 5 is not allowed"):
+        codec.decode(codec.encode(sample(body={"x": msgpack.ExtType(5, b"x")})))
+    env = sample(body={"at": msgpack.Timestamp(1_795_827_227, 83_234_000)})
+    assert codec.decode(codec.encode(env)).body == env.body
+    assert codec.decode(codec.encode_split(env)).body == env.body
+
+
 def test_a_header_claiming_a_4_gib_string_is_rejected_without_allocating() -> None:
     huge = b"\x9c" + b"\x01\x00" + b"\xdb\xff\xff\xff\xff" + b"x" * 10
     with pytest.raises(DecodeError):
