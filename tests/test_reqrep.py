@@ -23,7 +23,7 @@ from zfabric import (
 from zfabric.envelope import IdSource, Kind
 from zfabric.patterns.reqrep import GATHER_ALONE, batch_taking_id
 
-from .conftest import Processes, wait_until
+from .conftest import Processes, free_tcp_ports, wait_until
 from .faces import Face
 
 
@@ -89,6 +89,58 @@ def test_an_answer_of_the_wrong_kind_is_a_stray_and_the_request_still_times_out(
     assert requester.stats.replies == 0
 
 
+def test_a_lone_request_gets_its_reply_after_garbage_a_stray_and_another_requests_error(
+        face: Face, ctx: zmq.Context) -> None:
+    """A request alone in flight takes the short way; whatever is not its reply must still be counted as it is
+    for any request, and must not end it: undecodable bytes, a reply to another request, an error for another."""
+    router, endpoint = silent_router(ctx)
+    ids = IdSource()
+
+    def answer(kind: Kind, body: Any, correlation: bytes) -> list[bytes]:
+        return codec.encode(Envelope(ids.next(), kind, "", body, correlation_id=correlation, created_at=time.time()))
+
+    def serve() -> None:
+        for n in range(3):
+            if not router.poll(5000):
+                return
+            route, *frames = router.recv_multipart()
+            request = codec.decode(frames)
+            others = [[b"\xc1 not msgpack"], answer(Kind.REPLY, "not yours", b"another-request"),
+                      answer(Kind.ERROR, {"type": "X", "message": "no"}, b"another")]
+            for other in others[n:] + others[:n]:  # each of them first once
+                router.send_multipart([route, *other])
+            router.send_multipart([route, *answer(Kind.REPLY, {"echo": request.body}, request.id)])
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    requester = face.requester(endpoint, timeout=5.0, retries=0)
+    assert [requester.request(n) for n in range(3)] == [{"echo": n} for n in range(3)]  # none left in flight
+    server.join(5)
+    stats = requester.stats
+    assert (stats.decode_errors, stats.stray_replies, stats.replies, stats.remote_errors) == (3, 6, 3, 0)
+    assert stats.received == 9 and stats.sent == 3
+    assert not requester.flow.pending
+
+
+def test_a_lone_request_waits_for_a_replier_that_is_not_there_yet(face: Face) -> None:
+    """With no replier connected the request cannot go out at once (the socket takes nothing); it goes as soon
+    as one is, within its timeout, and its reply comes back."""
+    endpoint = f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}"
+    requester = face.requester(endpoint, timeout=5.0, retries=0)
+
+    def start_later() -> None:
+        time.sleep(0.3)
+        face.replier(endpoint, lambda env: ["late", env.body])
+
+    starter = threading.Thread(target=start_later, daemon=True)
+    starter.start()
+    start = time.monotonic()
+    assert requester.request("hi") == ["late", "hi"]
+    assert time.monotonic() - start >= 0.25
+    starter.join(5)
+    assert requester.stats.sent == 1 and requester.stats.replies == 1
+
+
 def test_timeout_raises_request_timeout_within_ten_percent(face: Face, ctx: zmq.Context) -> None:
     router, endpoint = silent_router(ctx)
     requester = face.requester(endpoint, timeout=0.5, retries=0)
@@ -150,13 +202,15 @@ def test_handler_exception_comes_back_as_remote_error(face: Face) -> None:
 
     replier = face.replier("tcp://127.0.0.1:0", handler)
     requester = face.requester(replier.endpoint, timeout=5.0)
-    with pytest.raises(RemoteError) as info:
-        requester.request("bad")
-    assert info.value.type == "ValueError"
-    assert info.value.message == "unknown sku 'Z-9'"
-    assert "ValueError" in info.value.remote_traceback
-    assert requester.request("ok") == "fine"
-    assert replier.stats.errors == 1
+    for _ in range(2):  # the first before the connection is up, the second over it (the short way)
+        with pytest.raises(RemoteError) as info:
+            requester.request("bad")
+        assert info.value.type == "ValueError"
+        assert info.value.message == "unknown sku 'Z-9'"
+        assert "ValueError" in info.value.remote_traceback
+        assert requester.request("ok") == "fine"
+    assert replier.stats.errors == 2
+    assert (requester.stats.remote_errors, requester.stats.replies) == (2, 2)
 
 
 def test_many_in_flight_with_return_exceptions_keeps_each_outcome_in_place(face: Face) -> None:

@@ -61,7 +61,9 @@ class RequestFlow:
         self.stats = stats
         self.pending: dict[bytes, _Pending] = {}
         self.generation = 0
-        self._generation_born: float | None = None  # set by the first submit: the flow reads no clock itself
+        self.generation_born: float | None = None
+        """When the current generation's socket first carried a request (monotonic): set by the first submit,
+        or by the requester for a request it never recorded (answered at once). The flow reads no clock itself."""
         self._older: dict[int, int] = {}
         """Requests pending per generation other than the current one. Counted from the moment a generation
         stops being current, so that the commonest case (one generation) pays nothing per request."""
@@ -71,8 +73,8 @@ class RequestFlow:
 
     def submit(self, env: Envelope, timeout: float, retries: int, now: float) -> None:
         """Record a request that is about to go out on the current generation."""
-        if self._generation_born is None:
-            self._generation_born = now
+        if self.generation_born is None:
+            self.generation_born = now
         self.pending[env.id] = _Pending(env, timeout, retries, now + timeout, self.generation)
         self._timer(timeout).append((now + timeout, env.id))
 
@@ -144,13 +146,13 @@ class RequestFlow:
                 f"no reply to request {rid.hex()} after {attempts} attempt(s) of {p.timeout:g} s",
                 request_id=rid, attempts=attempts, timeout=p.timeout,
             )))
-        born = now if self._generation_born is None else self._generation_born
+        born = now if self.generation_born is None else self.generation_born
         fresh = bool(retry) and now - born >= MIN_SOCKET_AGE
         if fresh:
             current = self.generation
             self._older[current] = sum(1 for p in self.pending.values() if p.generation == current)
             self.generation += 1
-            self._generation_born = now
+            self.generation_born = now
             self.stats.sockets_opened += 1
         resend = []
         for p in retry:
