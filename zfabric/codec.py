@@ -136,15 +136,11 @@ def encode_fields(pack: Callable[[Any], bytes], kind: Kind, id_: bytes, topic: s
     raw = isinstance(body, _RAW_TYPES)
     fields = [VERSION, int(kind), id_, topic, correlation_id, reply_to, attempt, created_at, deadline,
               headers if type(headers) is dict else dict(headers), seq, BODY_RAW if raw else BODY_MSGPACK]
-    if raw and len(body) >= split_at:
-        return [_pack_checked(pack, fields, body), body]
-    fields.append(body)
-    return [_pack_checked(pack, fields, body)]
-
-
-def _pack_checked(pack: Callable[[Any], bytes], fields: list[Any], body: Any) -> bytes:
+    split = raw and len(body) >= split_at
+    if not split:
+        fields.append(body)
     try:
-        return pack(fields)
+        return [pack(fields), body] if split else [pack(fields)]
     except (TypeError, ValueError, OverflowError) as exc:
         encode_body(body)  # raises EncodeError naming the body's type, if the body is the culprit
         raise EncodeError(f"envelope header is not msgpack-serializable (check headers): {exc}") from exc

@@ -158,6 +158,20 @@ class _ReplierBase(SocketOwner):
         self._bad_log = Throttled(log)
         self._stop = threading.Event()
 
+    def _plain_request(self, payload: bytes) -> Envelope | None:
+        """The request in a one-frame `payload` when it is one valid request, the commonest message (counted);
+        None for anything else, which `_parse` then counts and logs (it decodes it again: only bad input pays)."""
+        try:
+            request = _decode_message(payload)
+        except DecodeError:
+            return None
+        if request.kind is not _REQUEST:
+            return None
+        stats = self.stats
+        stats.received += 1
+        stats.requests += 1
+        return request
+
     def _parse(self, frames: list[bytes], who: str | None = None) -> tuple[list[bytes], list[Envelope]] | None:
         """(routing prefix, requests) for a valid request, or batch of them, that a permitted key sent;
         None (counted) when nothing in it is one."""
@@ -204,21 +218,24 @@ class _ReplierBase(SocketOwner):
                split_at: float = codec.INLINE_MAX) -> list[Any]:
         """The frames that answer `request` with `result` or with the exception `exc`
         (`split_at=math.inf`: always one frame, as a batch entry must be)."""
+        frames = self._encode_answer(request, result, exc, split_at)
+        return [*route, *frames] if route else frames
+
+    def _encode_answer(self, request: Envelope, result: Any, exc: BaseException | None, split_at: float) -> list[Any]:
+        """`_reply` without a route: a reply's frames, packed by this replier's own Packer (replies run on one
+        thread or loop); an error reply when `exc` is set or `result` cannot be encoded."""
         if exc is None:
             try:
-                frames = self._encode_answer(Kind.REPLY, request, result, split_at)
+                frames = codec.encode_fields(self._pack, Kind.REPLY, self._ids.next(), request.topic, request.id, None,
+                                             request.attempt, time.time(), None, {}, None, result, split_at)
             except EncodeError as err:
                 exc = err
             else:
                 self.stats.replies += 1
-                return [*route, *frames]
+                return frames
         self.stats.errors += 1
-        return [*route, *self._encode_answer(Kind.ERROR, request, error_body(exc), split_at)]
-
-    def _encode_answer(self, kind: Kind, request: Envelope, body: Any, split_at: float) -> list[Any]:
-        """A reply's frames, packed by this replier's own Packer (replies run on one thread or loop)."""
-        return codec.encode_fields(self._pack, kind, self._ids.next(), request.topic, request.id, None, request.attempt,
-                                   time.time(), None, {}, None, body, split_at)
+        return codec.encode_fields(self._pack, Kind.ERROR, self._ids.next(), request.topic, request.id, None,
+                                   request.attempt, time.time(), None, {}, None, error_body(exc), split_at)
 
     def _undeliverable(self, exc: zmq.ZMQError) -> None:
         self.stats.undeliverable += 1
@@ -263,10 +280,13 @@ class Replier(_ReplierBase):
         has passed since the last went out, so a slow handler late in a batch does not hold
         back the answers before it.
         """
-        parsed = self._parse(frames, who)
-        if parsed is None:
-            return 0
-        route, requests = parsed
+        if len(frames) == 2 and self.permissions is None and (request := self._plain_request(frames[1])) is not None:
+            route, requests = frames[:1], [request]
+        else:
+            parsed = self._parse(frames, who)
+            if parsed is None:
+                return 0
+            route, requests = parsed
         if len(requests) == 1:
             request = requests[0]
             if self._wanted(request):
@@ -289,9 +309,10 @@ class Replier(_ReplierBase):
     def _answer_frames(self, request: Envelope, split_at: float) -> list[Any]:
         """The handler's answer to `request` as frames (without a route)."""
         try:
-            return self._reply([], request, self.handler(request), split_at=split_at)
+            result = self.handler(request)
         except Exception as exc:
-            return self._reply([], request, exc=exc, split_at=split_at)
+            return self._encode_answer(request, None, exc, split_at)
+        return self._encode_answer(request, result, None, split_at)
 
     def _send_answers(self, route: list[bytes], answers: list[bytes]) -> None:
         """One-frame replies to a batch: as a batch, or alone when only one is ready."""
@@ -314,7 +335,6 @@ class Replier(_ReplierBase):
         replies to one requester that takes batches (TAKES_BATCHES) gathered into batches; how many messages
         were handled (0: none was waiting). Under load both sides then handle one ZeroMQ message for many replies."""
         receive = recv_frames_with_user if checked else recv_frames
-        stats = self.stats
         gathered: dict[bytes, list[bytes]] = {}
         since = time.monotonic()
         handled = 0
@@ -324,14 +344,8 @@ class Replier(_ReplierBase):
                 handled += self.handle_one(frames, who) or 1
                 continue
             handled += 1
-            try:  # _parse's commonest case, inlined: one valid request, nobody's key to check
-                request = None if checked else _decode_message(frames[1])
-            except DecodeError:
-                request = None
-            if request is not None and request.kind is _REQUEST:
-                stats.received += 1
-                stats.requests += 1
-            else:  # what _parse says of it, counted and logged
+            request = None if checked else self._plain_request(frames[1])
+            if request is None:  # what _parse says of it, counted and logged
                 parsed = self._parse(frames, who)
                 if parsed is None:
                     continue
