@@ -166,6 +166,34 @@ def test_ids_from_one_source_are_unique_and_carry_the_origin() -> None:
     assert all(i[:8] == src.origin and len(i) == 16 for i in ids)
 
 
+@pytest.mark.parametrize("body", [{"n": 1}, "text", None, [1, 2.5], b"small", b"x" * codec.INLINE_MAX, bytearray(b"ab"),
+                                  object(), {1, 2}, {"deep": [object()]}])
+@pytest.mark.parametrize("kind", [Kind.REPLY, Kind.ERROR])
+def test_an_answer_is_encoded_as_the_general_encoder_encodes_it(kind: Kind, body: object) -> None:
+    """A replier's answers take a shorter way (`encode_answer`); same frames, and the same error for what msgpack
+    cannot encode, whose Packer is then fit for the next answer."""
+    request = Envelope(b"request-id", Kind.REQUEST, "svc", {"q": 1}, attempt=2, created_at=1.5, deadline=9.0)
+    packer = msgpack.Packer()
+
+    def outcome(encode):  # noqa: ANN001, ANN202 - a test helper over both encoders
+        try:
+            return encode()
+        except EncodeError as exc:
+            return str(exc)
+
+    short = outcome(lambda: codec.encode_answer(packer.pack, kind, b"answer-id", request, body, 3.25))
+    general = outcome(lambda: codec.encode_fields(msgpack.Packer().pack, kind, b"answer-id", "svc", b"request-id", None,
+                                                  2, 3.25, None, {}, None, body))
+    assert short == general
+    if isinstance(short, str):
+        assert type(body).__name__ in short
+        assert codec.encode_answer(packer.pack, kind, b"next", request, "ok", 4.0) == codec.encode_fields(
+            msgpack.Packer().pack, kind, b"next", "svc", b"request-id", None, 2, 4.0, None, {}, None, "ok")
+    else:
+        answer = codec.decode(short)
+        assert (answer.kind, answer.correlation_id, answer.topic, answer.attempt) == (kind, b"request-id", "svc", 2)
+
+
 def test_unencodable_body_raises_encode_error_naming_the_type() -> None:
     with pytest.raises(EncodeError, match="object"):
         codec.encode(sample(body=object()))

@@ -129,6 +129,20 @@ def encode(env: Envelope, pack: Callable[[Any], bytes] = msgpack.packb, split_at
                          env.created_at, env.deadline, env.headers, env.seq, env.body, split_at)
 
 
+def encode_answer(pack: Callable[[Any], bytes], kind: Kind, id_: bytes, request: Envelope, body: Any, now: float,
+                  split_at: float = INLINE_MAX) -> list[Any]:
+    """The frames of an answer (a REPLY or an ERROR) to `request`, created `now`: `encode_fields` for it, with a
+    body that is not raw bytes (the commonest) packed at once, in one call."""
+    if type(body) not in _RAW_SET:
+        try:
+            return [pack([VERSION, int(kind), id_, request.topic, request.id, None, request.attempt, now, None, {},
+                          None, BODY_MSGPACK, body])]
+        except (TypeError, ValueError, OverflowError):
+            pass  # encode_fields says which part could not be encoded
+    return encode_fields(pack, kind, id_, request.topic, request.id, None, request.attempt, now, None, {}, None, body,
+                         split_at)
+
+
 def encode_fields(pack: Callable[[Any], bytes], kind: Kind, id_: bytes, topic: str, correlation_id: bytes | None,
                   reply_to: str | None, attempt: int, created_at: float, deadline: float | None,
                   headers: Mapping[str, Any], seq: int | None, body: Any, split_at: float = INLINE_MAX) -> list[Any]:

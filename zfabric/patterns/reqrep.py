@@ -35,6 +35,7 @@ from .._receive import count_bad, decode_counted
 from .._socket import (
     RECV,
     SEND,
+    ZERO_COPY_MIN,
     AnyContext,
     SocketOwner,
     next_frames,
@@ -84,6 +85,7 @@ BATCH_MAX = 100
 BATCH_BYTES = 1 << 20
 """A batch being built is sent once its encoded requests reach this many bytes."""
 _NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = _NOBLOCK | int(zmq.SNDMORE)
 REPLY_GRACE = 0.1
 """Seconds a replier closing just after a reply keeps its connections, so that its requesters read it first."""
 TAKES_BATCHES = b"zfb1"
@@ -226,16 +228,16 @@ class _ReplierBase(SocketOwner):
         thread or loop); an error reply when `exc` is set or `result` cannot be encoded."""
         if exc is None:
             try:
-                frames = codec.encode_fields(self._pack, Kind.REPLY, self._ids.next(), request.topic, request.id, None,
-                                             request.attempt, time.time(), None, {}, None, result, split_at)
+                frames = codec.encode_answer(self._pack, Kind.REPLY, self._ids.next(), request, result, time.time(),
+                                             split_at)
             except EncodeError as err:
                 exc = err
             else:
                 self.stats.replies += 1
                 return frames
         self.stats.errors += 1
-        return codec.encode_fields(self._pack, Kind.ERROR, self._ids.next(), request.topic, request.id, None,
-                                   request.attempt, time.time(), None, {}, None, error_body(exc), split_at)
+        return codec.encode_answer(self._pack, Kind.ERROR, self._ids.next(), request, error_body(exc), time.time(),
+                                   split_at)
 
     def _undeliverable(self, exc: zmq.ZMQError) -> None:
         self.stats.undeliverable += 1
@@ -281,12 +283,13 @@ class Replier(_ReplierBase):
         back the answers before it.
         """
         if len(frames) == 2 and self.permissions is None and (request := self._plain_request(frames[1])) is not None:
-            route, requests = frames[:1], [request]
-        else:
-            parsed = self._parse(frames, who)
-            if parsed is None:
-                return 0
-            route, requests = parsed
+            if self._wanted(request):  # the commonest message: one valid request, nobody's key to check
+                self._send_reply(frames[:1], self._answer_frames(request, codec.INLINE_MAX), 1)
+            return 1
+        parsed = self._parse(frames, who)
+        if parsed is None:
+            return 0
+        route, requests = parsed
         if len(requests) == 1:
             request = requests[0]
             if self._wanted(request):
@@ -324,7 +327,12 @@ class Replier(_ReplierBase):
 
     def _send_reply(self, route: list[bytes], frames: list[Any], count: int) -> None:
         try:
-            send_frames(self._sock, [*route, *frames], _NOBLOCK)
+            if len(route) == 1 and len(frames) == 1:  # [id, reply], the commonest: send_frames' work, unrolled
+                sock, message = self._sock, frames[0]
+                SEND(sock, route[0], _NOBLOCK_MORE)  # a ROUTER refuses a message on its first frame, or takes it all
+                SEND(sock, message, _NOBLOCK, len(message) < ZERO_COPY_MIN)
+            else:
+                send_frames(self._sock, [*route, *frames], _NOBLOCK)
             self.stats.sent += count
             self._last_reply = time.monotonic()
         except zmq.ZMQError as exc:
