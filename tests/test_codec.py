@@ -280,6 +280,65 @@ def test_mutated_valid_frames_decode_or_raise_decode_error(data: st.DataObject) 
     assert isinstance(env, Envelope)
 
 
+_BODIES = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text() | st.binary(),
+                       lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+                       max_leaves=8)
+
+
+def _a_reply(topic: str, body: object, *, kind: Kind = Kind.REPLY, attempt: int = 1,
+             replier: IdSource | None = None) -> tuple[codec.Stamp, bytes, bytes]:
+    """(the requester's stamp, its request's id, the message a zfabric replier answers that request with)."""
+    stamp = codec.Stamp(IdSource(), topic, Kind.REQUEST)
+    request, _ = stamp.plain("question", 1.0, None, 31.0)
+    answer = codec.encode_answer(msgpack.Packer().pack, kind, (replier or IdSource()).next(),
+                                 request.with_attempt(attempt), body, 2.5)
+    assert len(answer) == 1
+    return stamp, request.id, answer[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(topic=st.text(max_size=40), body=_BODIES.filter(lambda b: not isinstance(b, bytes)))  # bytes: a raw body
+def test_the_reply_reader_reads_a_repliers_reply_as_the_general_decoder_does(topic: str, body: object) -> None:
+    stamp, rid, message = _a_reply(topic, body)
+    got = stamp.reply_body(message, rid)
+    assert got is not codec.NOT_A_REPLY
+    assert msgpack.packb(got) == msgpack.packb(codec.decode_message(message).body)  # (NaN != NaN: compare bytes)
+
+
+@pytest.mark.parametrize("other", ["error", "second attempt", "another request", "a longer replier id", "headers",
+                                   "raw bytes"])
+def test_the_reply_reader_leaves_every_other_reply_to_the_general_decoder(other: str) -> None:
+    stamp, rid, message = _a_reply("svc", b"raw" if other == "raw bytes" else {"ok": 1}, kind=Kind.ERROR if other == "error" else Kind.REPLY,
+                                   attempt=2 if other == "second attempt" else 1,
+                                   replier=IdSource(b"o" * 9) if other == "a longer replier id" else None)
+    if other == "another request":
+        rid = rid[:-1] + bytes([rid[-1] ^ 1])
+    if other == "headers":
+        env = codec.decode_message(message)
+        message = codec.encode(env.replace(headers={"h": 1}))[0]
+    assert stamp.reply_body(message, rid) is codec.NOT_A_REPLY
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_the_reply_reader_never_reads_what_the_general_decoder_would_not(data: st.DataObject) -> None:
+    """Whatever a mutated reply becomes, the short reader reads it only as the general decoder reads it: a REPLY to
+    this request's first attempt, with the same body."""
+    stamp, rid, valid = _a_reply(data.draw(st.sampled_from(["", "svc"])), data.draw(st.sampled_from(
+        [{"sku": "A-1", "n": [1.5]}, "text", None])))
+    message = bytearray(valid)
+    for _ in range(data.draw(st.integers(1, 3))):
+        pos = data.draw(st.integers(0, len(message) - 1))
+        message[pos] = data.draw(st.integers(0, 255))
+    message = message[:data.draw(st.integers(0, len(message)))] + data.draw(st.binary(max_size=3))
+    got = stamp.reply_body(bytes(message), rid)
+    if got is codec.NOT_A_REPLY:
+        return
+    env = codec.decode_message(bytes(message))  # must not raise
+    assert (env.kind, env.correlation_id, env.attempt, env.headers) == (Kind.REPLY, rid, 1, {})
+    assert msgpack.packb(got) == msgpack.packb(env.body)
+
+
 def test_extension_types_are_refused_but_a_timestamp_arrives_as_msgpacks_own() -> None:
     with pytest.raises(DecodeError, match="extension type 5 is not allowed"):
         codec.decode(codec.encode(sample(body={"x": msgpack.ExtType(5, b"x")})))
