@@ -8,7 +8,7 @@ code, msgpack, libzmq and its I/O thread, start-up and tear-down cancelled out. 
 at full speed, outside valgrind. The count leaves out the kernel (the system calls) and cache misses:
 it says how much work each side does, a rate says how fast the machine did it.
 
-    python benchmarks/instructions.py                        # every role, about 7 minutes
+    python benchmarks/instructions.py                        # every role, about 11 minutes
     python benchmarks/instructions.py --roles requester,replier --short 500 --long 2500
 
 Needs valgrind (`apt install valgrind`). Roles:
@@ -18,6 +18,7 @@ Needs valgrind (`apt install valgrind`). Roles:
   requester  100 requests in flight, one per message (zfabric: request_many(batch=1)), to an echo replier
   replier    answers such a requester
   alone      a requester with one request in flight (`request()`, the p50 row), per round trip
+  alone-replier  the replier that answers it, per request
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import zmq
 
 ACTORS = [sys.executable, "-m", "zfabric.bench.actors"]
 IMPLS = ("raw", "zf")
-ROLES = ("producer", "consumer", "requester", "replier", "alone")
+ROLES = ("producer", "consumer", "requester", "replier", "alone", "alone-replier")
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
@@ -113,10 +114,10 @@ def alone(impl: str, count: int) -> int:
         _stop(server)
 
 
-def replier(impl: str, count: int) -> int:
+def _replier(impl: str, count: int, inflight: int) -> int:
     server = _measured("echo-server", impl=impl)
     try:
-        client = _spawn("rr-client", impl=impl, endpoint=_endpoint(server), count=count, inflight=100, size=100,
+        client = _spawn("rr-client", impl=impl, endpoint=_endpoint(server), count=count, inflight=inflight, size=100,
                         batch=1)
         client.communicate(timeout=600)
         server.terminate()  # valgrind reports the count of a process ended by SIGTERM
@@ -125,8 +126,17 @@ def replier(impl: str, count: int) -> int:
         _stop(server)
 
 
+def replier(impl: str, count: int) -> int:
+    return _replier(impl, count, 100)
+
+
+def alone_replier(impl: str, count: int) -> int:
+    return _replier(impl, count, 1)
+
+
 MEASURES: dict[str, Callable[[str, int], int]] = {
     "producer": producer, "consumer": consumer, "requester": requester, "replier": replier, "alone": alone,
+    "alone-replier": alone_replier,
 }
 
 
@@ -145,20 +155,20 @@ def main() -> None:
         sys.exit(f"unknown role(s) {', '.join(unknown)}: choose from {', '.join(ROLES)}")
     plan = []
     for role in roles:
-        short = args.short or {"requester": 2_000, "replier": 2_000, "alone": 300}.get(role, 20_000)
+        short = args.short or {"requester": 2_000, "replier": 2_000, "alone": 300, "alone-replier": 300}.get(role, 20_000)
         long = args.long or short * 5
         if not 0 < short < long:
             sys.exit(f"--short must be above 0 and below --long, got {short} and {long}")
         plan.append((role, short, long))
     results: dict[str, dict[str, float]] = {}
-    print(f"{'role':<10} {'raw pyzmq':>14} {'zfabric':>14} {'zfabric/raw':>12}   (instructions per message)")
+    print(f"{'role':<13} {'raw pyzmq':>14} {'zfabric':>14} {'zfabric/raw':>12}   (instructions per message)")
     for role, short, long in plan:
         per = {}
         for impl in IMPLS:
             counts = [MEASURES[role](impl, n) for n in (short, long)]
             per[impl] = (counts[1] - counts[0]) / (long - short)
         results[role] = {**per, "ratio": per["zf"] / per["raw"], "short": short, "long": long}
-        print(f"{role:<10} {per['raw']:>14,.0f} {per['zf']:>14,.0f} {per['zf'] / per['raw']:>11.2f}x", flush=True)
+        print(f"{role:<13} {per['raw']:>14,.0f} {per['zf']:>14,.0f} {per['zf'] / per['raw']:>11.2f}x", flush=True)
     if args.output:
         with open(args.output, "w") as out:
             json.dump({"instructions_per_message": results, "python": platform.python_version(),
