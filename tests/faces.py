@@ -66,6 +66,12 @@ class Blocking:
             return attr
         return lambda *a, **kw: self._lt.call(attr, *a, **kw)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:  # a public attribute of the object (e.g. a group renamed), not of this proxy
+            setattr(self._obj, name, value)
+
     def __repr__(self) -> str:
         return f"Blocking({self._obj!r})"
 

@@ -110,3 +110,26 @@ def test_an_infinite_deadline_waits_for_every_member(face: Face, repliers: dict[
     result = scatterer.scatter({"round": 1})
     assert result.complete
     assert sorted(result.answered) == ["a", "bb", "ccc", "slow"]
+
+
+def test_every_member_gets_the_group_name_the_headers_and_the_body_as_sent(face: Face) -> None:
+    """A round's request carries the group's name as its topic, the caller's headers and the body whole: a small
+    body inside the message, raw bytes of 16 KiB or more in a frame of their own. A group renamed between rounds
+    names the next rounds' requests."""
+
+    def describe(env: Envelope) -> dict[str, Any]:
+        body = env.body if not isinstance(env.body, bytes) else {"raw": len(env.body), "ends": env.body[-3:]}
+        return {"topic": env.topic, "headers": env.headers, "body": body, "deadline_set": env.deadline is not None}
+
+    members = {name: face.replier("tcp://127.0.0.1:0", describe).endpoint for name in ("a", "b")}
+    scatterer = face.scatterer(members, group="pricing", deadline=5.0)
+    result = scatterer.scatter({"sku": "A-1"}, headers={"trace": "t-1"})
+    assert result.complete
+    assert {r.member: r.body for r in result.replies} == {
+        name: {"topic": "pricing", "headers": {"trace": "t-1"}, "body": {"sku": "A-1"}, "deadline_set": True}
+        for name in ("a", "b")}
+    big = bytes(range(256)) * 80 + b"end"  # 20 KiB and 3 bytes: its own frame
+    assert [r.body for r in scatterer.scatter(big).replies] == [
+        {"topic": "pricing", "headers": {}, "body": {"raw": len(big), "ends": b"end"}, "deadline_set": True}] * 2
+    scatterer.group = "pricing.eu"
+    assert {r.body["topic"] for r in scatterer.scatter({"sku": "B-2"}).replies} == {"pricing.eu"}

@@ -187,6 +187,18 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) ->
     SEND(sock, last, flags, len(last) < ZERO_COPY_MIN)
 
 
+def send_routed(sock: zmq.Socket[Any], route: bytes, frames: Sequence[Any], flags: int = 0) -> None:
+    """Send `[route, *frames]` from a sync ROUTER: `send_frames` without building the list, and for the commonest
+    message (one frame after the route) two compiled sends. A ROUTER refuses a message on its first frame (an
+    unknown or full peer), or takes it all."""
+    if len(frames) == 1:
+        last = frames[0]
+        SEND(sock, route, _WITH_MORE.get(flags) or (int(flags) | _SNDMORE))
+        SEND(sock, last, flags, len(last) < ZERO_COPY_MIN)
+    else:
+        send_frames(sock, [route, *frames], flags)
+
+
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)

@@ -18,6 +18,8 @@ from .._counters import Counters
 from ..envelope import Envelope, Kind
 from ..errors import RemoteError, RequestTimeout
 
+_REPLY, _ERROR = Kind.REPLY, Kind.ERROR
+
 MIN_SOCKET_AGE = 0.25
 """A retry opens a fresh socket unless the current one is younger than this (seconds)."""
 
@@ -262,9 +264,12 @@ class GatherRound:
 
     def on_reply(self, member: str, env: Envelope, now: float) -> bool:
         """Record one member's reply; False for a duplicate or a non-member."""
-        if member not in self.members or member in self.errors or any(r.member == member for r in self.replies):
+        if member not in self.members or member in self.errors:
             return False
-        if env.kind is Kind.ERROR:
+        for r in self.replies:  # a few: a loop costs less than a generator
+            if r.member == member:
+                return False
+        if env.kind is _ERROR:
             self.errors[member] = remote_error(env, member)
         else:
             self.replies.append(MemberReply(member, env.body, now - self.started))
@@ -313,14 +318,15 @@ class GatherBook:
         """The open round this reply belongs to (after recording it), or None if late or stray."""
         corr = env.correlation_id
         round_ = self.rounds.get(corr) if corr is not None else None
-        if round_ is None or env.kind not in (Kind.REPLY, Kind.ERROR):
+        kind = env.kind
+        if round_ is None or (kind is not _REPLY and kind is not _ERROR):
             if corr in self._closed_set:
                 self.stats.late_replies += 1
             else:
                 self.stats.stray_replies += 1
             return None
         if round_.on_reply(member, env, now):
-            if env.kind is Kind.ERROR:
+            if kind is _ERROR:
                 self.stats.remote_errors += 1
             else:
                 self.stats.replies += 1

@@ -35,7 +35,6 @@ from .._receive import count_bad, decode_counted
 from .._socket import (
     RECV,
     SEND,
-    ZERO_COPY_MIN,
     AnyContext,
     SocketOwner,
     next_frames,
@@ -46,6 +45,7 @@ from .._socket import (
     recv_frames_with_user,
     recv_rest,
     send_frames,
+    send_routed,
     user_of,
     wait_ms,
     waiting,
@@ -85,7 +85,6 @@ BATCH_MAX = 100
 BATCH_BYTES = 1 << 20
 """A batch being built is sent once its encoded requests reach this many bytes."""
 _NOBLOCK = int(zmq.NOBLOCK)
-_NOBLOCK_MORE = _NOBLOCK | int(zmq.SNDMORE)
 REPLY_GRACE = 0.1
 """Seconds a replier closing just after a reply keeps its connections, so that its requesters read it first."""
 TAKES_BATCHES = b"zfb1"
@@ -328,10 +327,8 @@ class Replier(_ReplierBase):
 
     def _send_reply(self, route: list[bytes], frames: list[Any], count: int) -> None:
         try:
-            if len(route) == 1 and len(frames) == 1:  # [id, reply], the commonest: send_frames' work, unrolled
-                sock, message = self._sock, frames[0]
-                SEND(sock, route[0], _NOBLOCK_MORE)  # a ROUTER refuses a message on its first frame, or takes it all
-                SEND(sock, message, _NOBLOCK, len(message) < ZERO_COPY_MIN)
+            if len(route) == 1:  # [id, reply...], from a DEALER: the commonest
+                send_routed(self._sock, route[0], frames, _NOBLOCK)
             else:
                 send_frames(self._sock, [*route, *frames], _NOBLOCK)
             self.stats.sent += count
