@@ -201,7 +201,6 @@ def send_routed(sock: zmq.Socket[Any], route: bytes, frames: Sequence[Any], flag
 
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
-_EVENTS = int(zmq.EVENTS)
 _zmq_poll = zmq.zmq_poll
 WAIT_MS_MAX = (1 << 31) - 1
 """The longest wait ZeroMQ takes in one call (its timeouts are C ints): about 24.8 days."""
@@ -218,23 +217,23 @@ def wait_ms(seconds: float) -> int:
 def readable(sock: zmq.Socket[Any], timeout_ms: int) -> bool:
     """Whether a message can be received from a sync socket within `timeout_ms` (-1: forever).
 
-    Checks the socket's own event flags first and polls only when nothing is waiting;
-    pyzmq's Socket.poll builds a Poller on every call, which costs more than the receive.
+    One `zmq_poll`, which looks at the socket's own event flags before it waits: about 1 us when a message is
+    waiting, where pyzmq's `getsockopt(EVENTS)` alone costs 2.5 us and Socket.poll builds a Poller on every call.
     """
-    if sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
-        return True
     return bool(_zmq_poll([(sock, _POLLIN)], timeout_ms))
 
 
 def has_message(sock: zmq.Socket[Any]) -> bool:
     """Whether a message is waiting on a sync socket right now (no exception when not, unlike a NOBLOCK recv)."""
-    return bool(sock.getsockopt(_EVENTS) & _POLLIN)  # type: ignore[operator]
+    return bool(_zmq_poll([(sock, _POLLIN)], 0))
 
 
 def waiting(sock: zmq.Socket[Any], limit: int = 1 << 62, receive: Callable[..., Any] | None = None) -> Iterator[Any]:
     """The messages waiting on a sync socket now, at most `limit`, each as `receive(sock, NOBLOCK)` returns it
-    (default: recv_frames). Draining until one receive finds nothing costs one exception per drain; asking
-    `has_message` first costs about 1.5 us per message (the EVENTS option makes libzmq process commands)."""
+    (default: recv_frames). A poll first (about 1 us) finds an empty socket without the exception a receive that
+    finds nothing raises (about 4 us); a drain that took messages ends on that exception, one per drain."""
+    if limit <= 0 or not _zmq_poll([(sock, _POLLIN)], 0):
+        return
     get = recv_frames if receive is None else receive
     for _ in range(limit):
         try:
