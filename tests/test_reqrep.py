@@ -735,3 +735,15 @@ def test_a_client_that_does_not_say_it_takes_batches_gets_one_reply_per_message(
     assert [r.correlation_id for r in replies] == [e.id for e in sent]
     assert [r.body for r in replies] == [{"n": n, "double": 2 * n} for n in range(100)]
     assert replier.stats.reply_batches == 0
+
+
+def test_large_replies_to_a_lone_request_arrive_whole(face: Face) -> None:
+    """A lone request reads a small reply from a copy, a large one (64 KiB or more) in place, and raw bytes of
+    16 KiB or more come in a frame of their own: each arrives whole."""
+    replies = {"text": {"blob": "é" * 100_000}, "raw": bytes(range(256)) * 1000, "small": {"ok": True}}
+    replier = face.replier("tcp://127.0.0.1:0", lambda env: replies[env.body])
+    requester = face.requester(replier.endpoint, timeout=5.0)
+    for _ in range(2):  # the first before the connection is up, the second the short way
+        for name, expected in replies.items():
+            assert requester.request(name) == expected
+    assert requester.stats.replies == 6 and requester.stats.stray_replies == 0

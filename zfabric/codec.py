@@ -440,7 +440,7 @@ class Stamp:
         self.reply_body = self._reply_reader()
         """`reply_body(message, request_id) -> body or NOT_A_REPLY`: see `_reply_reader`."""
 
-    def _reply_reader(self) -> Callable[[bytes, bytes], Any]:
+    def _reply_reader(self) -> Callable[[Buffer, bytes], Any]:
         """A reader of the replies to this stamp's requests: the body of a one-frame message that is, byte for byte,
         what a zfabric replier writes in answer to the first attempt of request `request_id` (an id of this stamp):
         a REPLY with an id of 16 bytes, no headers and a msgpack body, decoded as `decode_message` would decode it,
@@ -455,7 +455,7 @@ class Stamp:
         body_at = created + 8 + len(tail)
         unpack = _unpackb
 
-        def reply_body(message: bytes, request_id: bytes) -> Any:
+        def reply_body(message: Buffer, request_id: bytes) -> Any:  # bytes, or a memoryview
             if (message[:5] == head and message[start:created] == before + request_id + after
                     and message[created + 8:body_at] == tail):
                 try:

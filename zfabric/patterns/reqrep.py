@@ -35,6 +35,7 @@ from .._receive import count_bad, decode_counted
 from .._socket import (
     RECV,
     SEND,
+    ZERO_COPY_MIN,
     AnyContext,
     SocketOwner,
     next_frames,
@@ -728,7 +729,8 @@ class Requester(_RequesterBase):
             flow.submit(env, t, r, started)
             return self._settle(rid, [])
         if not first.more:
-            body = self._stamp.reply_body(first.bytes, rid)  # a zfabric replier's reply: checked in a few slices
+            # A zfabric replier's reply, checked in a few slices: of a copy when small (cheaper), else in place.
+            body = self._stamp.reply_body(first.bytes if len(first) < ZERO_COPY_MIN else first.buffer, rid)
             if body is not _NOT_A_REPLY:
                 stats.received += 1
                 stats.replies += 1
