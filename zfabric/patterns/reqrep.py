@@ -593,6 +593,12 @@ class _RequesterBase:
         batches: Iterator[tuple[list[Envelope], list[Any]]] = codec.group_batches(encoded(False), per, BATCH_BYTES)
         return ((generation, frames, len(group)) for group, frames in batches)
 
+    def _judge(self, env: Envelope) -> list[tuple[bytes, Any]]:
+        """(request id, outcome) of one received envelope if it answers a pending request; counted either way."""
+        self.stats.received += 1
+        done = self.flow.on_reply(env)
+        return [] if done is None else [done]
+
     def _decode_replies(self, frames: list[bytes]) -> list[tuple[bytes, Any]]:
         """(request id, outcome) of each reply to a pending request in one received message (a reply or a batch)."""
         if len(frames) == 1:  # one reply, the commonest message: the shortest way
@@ -601,9 +607,7 @@ class _RequesterBase:
             except DecodeError as exc:
                 count_bad(exc, self.stats, self._who)
                 return []
-            self.stats.received += 1
-            done = self.flow.on_reply(env)
-            return [] if done is None else [done]
+            return self._judge(env)
         envs = decode_counted(frames, self.stats, self._who, codec.decode_many)
         if envs is None:
             return []
@@ -743,8 +747,11 @@ class Requester(_RequesterBase):
                 stats.received += 1
                 stats.replies += 1
                 return reply.body
+        else:
+            reply = None
         flow.submit(env, t, r, started)  # anything else, as any reply is handled (counted once, there)
-        for done, outcome in self._decode_replies(recv_rest(sock, first)):
+        # A valid envelope (an error reply, a stray) is judged as decoded; anything else is decoded the general way.
+        for done, outcome in self._judge(reply) if reply is not None else self._decode_replies(recv_rest(sock, first)):
             if done == rid:
                 if isinstance(outcome, FabricError):
                     raise outcome
