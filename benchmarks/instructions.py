@@ -10,9 +10,10 @@ it says how much work each side does, a rate says how fast the machine did it.
 
     python benchmarks/instructions.py                        # every role, about 11 minutes
     python benchmarks/instructions.py --roles requester,replier --short 500 --long 2500
+    python benchmarks/instructions.py --roles producer,consumer --size 4096   # the 4 KiB row's two sides
 
-Needs valgrind (`apt install valgrind`). Roles:
-  producer   sends 100 B msgpack bodies to a consumer that keeps up
+Needs valgrind (`apt install valgrind`). Roles (bodies of `--size`, 100 B by default):
+  producer   sends msgpack bodies to a consumer that keeps up
   consumer   receives them from a producer that outruns it (valgrind slows the measured side about
              fifty-fold, so zfabric's producer sends batches from its backlog, as under back-pressure)
   requester  100 requests in flight, one per message (zfabric: request_many(batch=1)), to an echo replier
@@ -76,48 +77,48 @@ def _stop(*procs: subprocess.Popen[str]) -> None:
         proc.communicate()
 
 
-def producer(impl: str, count: int) -> int:
-    pull = _spawn("queue-pull", impl=impl, count=count)
+def producer(impl: str, count: int, size: int) -> int:
+    pull = _spawn("queue-pull", impl=impl, count=count, size=size)
     try:
-        push = _measured("queue-push", impl=impl, endpoint=_endpoint(pull), count=count, size=100)
+        push = _measured("queue-push", impl=impl, endpoint=_endpoint(pull), count=count, size=size)
         return _instructions(push, 600)
     finally:
         _stop(pull)
 
 
-def consumer(impl: str, count: int) -> int:
-    pull = _measured("queue-pull", impl=impl, count=count)
+def consumer(impl: str, count: int, size: int) -> int:
+    pull = _measured("queue-pull", impl=impl, count=count, size=size)
     push = None
     try:
-        push = _spawn("queue-push", impl=impl, endpoint=_endpoint(pull), count=count, size=100)
+        push = _spawn("queue-push", impl=impl, endpoint=_endpoint(pull), count=count, size=size)
         return _instructions(pull, 600)
     finally:
         _stop(pull, *([push] if push else []))
 
 
-def requester(impl: str, count: int) -> int:
+def requester(impl: str, count: int, size: int) -> int:
     server = _spawn("echo-server", impl=impl)
     try:
-        client = _measured("rr-client", impl=impl, endpoint=_endpoint(server), count=count, inflight=100, size=100,
+        client = _measured("rr-client", impl=impl, endpoint=_endpoint(server), count=count, inflight=100, size=size,
                            batch=1)
         return _instructions(client, 600)
     finally:
         _stop(server)
 
 
-def alone(impl: str, count: int) -> int:
+def alone(impl: str, count: int, size: int) -> int:
     server = _spawn("echo-server", impl=impl)
     try:
         return _instructions(_measured("rr-client", impl=impl, endpoint=_endpoint(server), count=count, inflight=1,
-                                       size=100), 600)
+                                       size=size), 600)
     finally:
         _stop(server)
 
 
-def _replier(impl: str, count: int, inflight: int) -> int:
+def _replier(impl: str, count: int, inflight: int, size: int) -> int:
     server = _measured("echo-server", impl=impl)
     try:
-        client = _spawn("rr-client", impl=impl, endpoint=_endpoint(server), count=count, inflight=inflight, size=100,
+        client = _spawn("rr-client", impl=impl, endpoint=_endpoint(server), count=count, inflight=inflight, size=size,
                         batch=1)
         client.communicate(timeout=600)
         server.terminate()  # valgrind reports the count of a process ended by SIGTERM
@@ -126,15 +127,15 @@ def _replier(impl: str, count: int, inflight: int) -> int:
         _stop(server)
 
 
-def replier(impl: str, count: int) -> int:
-    return _replier(impl, count, 100)
+def replier(impl: str, count: int, size: int) -> int:
+    return _replier(impl, count, 100, size)
 
 
-def alone_replier(impl: str, count: int) -> int:
-    return _replier(impl, count, 1)
+def alone_replier(impl: str, count: int, size: int) -> int:
+    return _replier(impl, count, 1, size)
 
 
-MEASURES: dict[str, Callable[[str, int], int]] = {
+MEASURES: dict[str, Callable[[str, int, int], int]] = {
     "producer": producer, "consumer": consumer, "requester": requester, "replier": replier, "alone": alone,
     "alone-replier": alone_replier,
 }
@@ -145,6 +146,8 @@ def main() -> None:
     parser.add_argument("--roles", default=",".join(ROLES), help=f"comma-separated, of {', '.join(ROLES)}")
     parser.add_argument("--short", type=int, help="messages of the short run (default: by role)")
     parser.add_argument("--long", type=int, help="messages of the long run (default: by role)")
+    parser.add_argument("--size", type=int, default=100,
+                        help="payload bytes (default 100: a msgpack map; above 1024, raw bytes, as `zfabric bench` sends)")
     parser.add_argument("-o", "--output", help="also write the figures as JSON to this file")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
@@ -165,9 +168,9 @@ def main() -> None:
     for role, short, long in plan:
         per = {}
         for impl in IMPLS:
-            counts = [MEASURES[role](impl, n) for n in (short, long)]
+            counts = [MEASURES[role](impl, n, args.size) for n in (short, long)]
             per[impl] = (counts[1] - counts[0]) / (long - short)
-        results[role] = {**per, "ratio": per["zf"] / per["raw"], "short": short, "long": long}
+        results[role] = {**per, "ratio": per["zf"] / per["raw"], "short": short, "long": long, "size": args.size}
         print(f"{role:<13} {per['raw']:>14,.0f} {per['zf']:>14,.0f} {per['zf'] / per['raw']:>11.2f}x", flush=True)
     if args.output:
         with open(args.output, "w") as out:
