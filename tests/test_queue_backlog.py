@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from typing import Any
@@ -159,6 +160,54 @@ def test_the_backlog_outlives_a_killed_consumer_and_goes_to_the_next(processes: 
     assert got[0] <= sent - BACKLOG_MAX
 
 
+SPURTS = """
+import sys, time
+from zfabric import Consumer, ReceiveTimeout, SocketOptions
+count = int(sys.argv[1])
+with Consumer("tcp://127.0.0.1:0", options=SocketOptions(send_hwm=200, receive_hwm=200)) as consumer:
+    print(consumer.endpoint, flush=True)
+    n = 0
+    try:
+        while n < count:
+            body = consumer.receive(timeout=10).body
+            if body != n:
+                sys.exit(f"out of order: message {body} came where {n} was due")
+            n += 1
+            if n % 500 == 0:
+                time.sleep(0.001)  # a pause: the producer's queue fills and its backlog starts
+    except ReceiveTimeout:
+        sys.exit(f"only {n} of {count} arrived")
+    print(f"all {count} in order", flush=True)
+"""
+
+
+def test_a_backlog_that_starts_and_empties_a_thousand_times_keeps_every_message_in_order(processes: Processes) -> None:
+    """The producer's thread adds to the backlog without a lock while the flusher sends and empties it, and
+    sends straight to the socket once it is empty. A consumer (its own process) that reads in spurts makes
+    the backlog start and empty again and again; with the producer's interpreter switching threads every
+    10 us, every message arrives once, in order, and without waiting for close() (a producer that sent
+    straight while the flusher still held messages, or a flusher that slept through one, failed this)."""
+    count = 200_000
+    consumer = processes.python("-c", SPURTS, str(count))
+    endpoint = processes.wait_line(consumer, r"tcp://\S+").group(0)
+    interval = sys.getswitchinterval()
+    with Producer(endpoint, options=SocketOptions(send_hwm=200, receive_hwm=200, linger_ms=30_000)) as producer:
+        producer.wait_for_consumers(1, timeout=10)
+        sys.setswitchinterval(1e-5)
+        try:
+            for n in range(count):
+                producer.send(n, timeout=10)
+        finally:
+            sys.setswitchinterval(interval)
+        out, err = consumer.communicate(timeout=60)  # everything arrives while the producer is open: no close() flush
+    assert consumer.returncode == 0, err[-2000:]
+    assert f"all {count} in order" in out
+    stats = producer.stats
+    assert 0 < stats.backlogged < count and stats.batches_sent > 0  # both ways: through the backlog and straight
+    assert stats.backlog_dropped == 0
+    assert backlog_threads() == []
+
+
 def test_no_backlog_without_a_consumer(face: Face) -> None:
     """With no consumer at all, a send blocks or times out, as the queue promises; nothing is parked."""
     with Consumer("tcp://127.0.0.1:0") as gone:
@@ -198,21 +247,24 @@ def test_a_backlog_takes_no_more_than_its_bound() -> None:
     with zmq.Context() as ctx:
         sock = ctx.socket(zmq.PUSH)
         sock.bind("tcp://127.0.0.1:0")  # no consumer: the flusher can never send
-        backlog = Backlog(sock, "test", ProducerCounters())
+        stats = ProducerCounters()
+        backlog = Backlog(sock, "test", stats)
         backlog.limit = 3
         with backlog.lock:
             assert backlog.put([b"first"], timeout=1)  # turns it on; the flusher takes it and waits for room
         deadline = time.monotonic() + 5
-        while backlog._waiting and time.monotonic() < deadline:  # until the flusher has taken it out
+        while backlog.waiting and time.monotonic() < deadline:  # until the flusher has taken it out
             time.sleep(0.01)
+        assert backlog.active and not backlog.idle
+        taken = 0
+        while backlog.take(b"more"):  # the producer's own thread: no lock
+            taken += 1
+            assert taken <= 3
         with backlog.lock:
-            taken = 0
-            while backlog.take(b"more"):
-                taken += 1
-                assert taken <= 3
             assert not backlog.put([b"refused"], timeout=0.1)
         assert taken == 3
         assert backlog.close(0.2) == 4  # the first, stuck in the flusher, and the three behind it
+        assert stats.backlog_dropped == 4 and stats.backlogged == 4 and not backlog.waiting
         sock.close(0)
     assert backlog_threads() == []
 

@@ -175,19 +175,16 @@ class Producer(_ProducerBase):
             # _encode's plain case (codec.is_plain), and _send's common cases, inlined: the hottest path
             env, message = self._stamp.plain(body, time.time())
             backlog = self._backlog
-            if not backlog.active:  # (see _send: off, it stays off, and the socket is this thread's)
+            if not backlog.waiting and backlog.idle:  # (see _send: everything went out; the socket is this thread's)
                 try:  # blocking when a full queue leaves nothing else to do (a large message, no timeout)
                     SEND(self._sock, message, 0 if limit is None and len(message) > BACKLOG_SMALL else _NOBLOCK)
                     self.stats.sent += 1
                     return env
                 except zmq.Again:
                     pass
-            else:
-                with backlog.lock:
-                    taken = backlog.active and backlog.take(message)  # behind the backlog, if it has room
-                if taken:
-                    self.stats.sent += 1
-                    return env
+            elif backlog.take(message):  # behind the backlog, if it has room (no lock: see Backlog)
+                self.stats.sent += 1
+                return env
             frames = [message]
         else:
             env, frames = self._encode(body, headers, ttl)
@@ -208,12 +205,12 @@ class Producer(_ProducerBase):
         backlog = self._backlog
         if backlog.active:
             with backlog.lock:
-                if backlog.active:  # still (the flusher may have emptied it meanwhile)
+                if backlog.active:  # still (the flusher may have sent it all meanwhile)
                     if not backlog.put(frames, timeout):
                         raise self._timed_out(timeout)  # type: ignore[arg-type]
                     return
-        # The backlog is off. Only this thread's put turns it on, so it stays off, and the flusher has
-        # finished with the socket: no lock is needed to use it.
+        # The backlog is empty and its flusher asleep: everything in it went out. Only this thread adds to it,
+        # so it stays so, and the flusher has finished with the socket: no lock is needed to use it.
         offered = self._offer(frames, may_backlog)
         if offered is _SENT:
             return
