@@ -133,3 +133,43 @@ def test_every_member_gets_the_group_name_the_headers_and_the_body_as_sent(face:
         {"topic": "pricing", "headers": {}, "body": {"raw": len(big), "ends": b"end"}, "deadline_set": True}] * 2
     scatterer.group = "pricing.eu"
     assert {r.body["topic"] for r in scatterer.scatter({"sku": "B-2"}).replies} == {"pricing.eu"}
+
+
+def test_every_reply_is_counted_once_whichever_way_it_is_read(face: Face) -> None:
+    """Replies to the round in flight are read by their bytes (the sync face), errors, raw bodies and late
+    replies by the general decoder: every one is counted once, in the right counter, with its body whole."""
+    late_sent: list[str] = []
+
+    def answer(env: Envelope) -> Any:
+        if env.body.get("fail"):
+            raise ValueError("refused")
+        if env.body.get("raw"):
+            return b"\x00raw\xff" * 3
+        if env.body.get("late"):
+            time.sleep(0.3)
+            late_sent.append(env.id.hex())
+        return {"round": env.body["round"], "echo": [1, 2.5, "three", None, {"k": b"v"}]}
+
+    members = {name: face.replier("tcp://127.0.0.1:0", answer).endpoint for name in ("a", "b", "c")}
+    scatterer = face.scatterer(members, deadline=5.0)
+    for n in range(20):
+        result = scatterer.scatter({"round": n})
+        assert result.complete and sorted(result.answered) == ["a", "b", "c"]
+        assert all(r.body == {"round": n, "echo": [1, 2.5, "three", None, {"k": b"v"}]} for r in result.replies)
+    assert (scatterer.stats.received, scatterer.stats.replies, scatterer.stats.rounds) == (60, 60, 20)
+
+    failed = scatterer.scatter({"round": 20, "fail": True})
+    assert failed.complete and set(failed.errors) == {"a", "b", "c"} and not failed.replies
+    raw = scatterer.scatter({"round": 21, "raw": True})
+    assert [r.body for r in raw.replies] == [b"\x00raw\xff" * 3] * 3
+    late = scatterer.scatter({"round": 22, "late": True}, deadline=0.05)
+    assert set(late.missing) == {"a", "b", "c"}
+    assert wait_until(lambda: len(late_sent) == 3)
+    # Each member sends its late reply before it reads this round's request: on each connection the late reply
+    # comes first (the sync face reads it during this round, the asyncio face's reader as it comes).
+    last = scatterer.scatter({"round": 23})
+    assert last.complete and all(r.body["round"] == 23 for r in last.replies)
+    assert wait_until(lambda: scatterer.stats.late_replies == 3)
+    stats = scatterer.stats
+    assert (stats.received, stats.replies, stats.remote_errors, stats.late_replies, stats.stray_replies) == \
+        (72, 66, 3, 3, 0)

@@ -264,15 +264,27 @@ class GatherRound:
 
     def on_reply(self, member: str, env: Envelope, now: float) -> bool:
         """Record one member's reply; False for a duplicate or a non-member."""
+        if env.kind is not _ERROR:
+            return self.on_body(member, env.body, now)
+        if not self._first_from(member):
+            return False
+        self.errors[member] = remote_error(env, member)
+        return True
+
+    def on_body(self, member: str, body: Any, now: float) -> bool:
+        """Record one member's successful reply, by its body; False for a duplicate or a non-member."""
+        if not self._first_from(member):
+            return False
+        self.replies.append(MemberReply(member, body, now - self.started))
+        return True
+
+    def _first_from(self, member: str) -> bool:
+        """True if `member` belongs to the round and has not answered it yet."""
         if member not in self.members or member in self.errors:
             return False
         for r in self.replies:  # a few: a loop costs less than a generator
             if r.member == member:
                 return False
-        if env.kind is _ERROR:
-            self.errors[member] = remote_error(env, member)
-        else:
-            self.replies.append(MemberReply(member, env.body, now - self.started))
         return True
 
     def mark_unsent(self, member: str, reason: str) -> None:

@@ -40,6 +40,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 _zmq_poll = zmq.zmq_poll
 _decode_message = codec.decode_message
+_NOT_A_REPLY = codec.NOT_A_REPLY
 
 log = logging.getLogger("zfabric.scatter")
 
@@ -88,6 +89,7 @@ class _ScattererBase(SocketOwner):
         self.book = GatherBook(self.stats)
         self._ids = IdSource()
         self._routes = [(name, name.encode()) for name in self.members]
+        self._names = {route: name for name, route in self._routes}
         self._stamp = codec.Stamp(self._ids, group, Kind.REQUEST)
 
     def _check_quorum(self, quorum: int | None) -> int | None:
@@ -151,7 +153,8 @@ class Scatterer(_ScattererBase):
                 reduce: Reduce | None = None, headers: Mapping[str, Any] | None = None) -> GatherResult:
         """Run one round; returns when all answered, the quorum is met, or the deadline passes."""
         round_, frames = self._open_round(body, headers, deadline, quorum)
-        sock = self._sock
+        sock, stats, names, request_id = self._sock, self.stats, self._names, round_.request_id
+        read = self._stamp.reply_body  # (after _open_round, which renews the stamp when the group was renamed)
         self._send_all(round_, frames, sock)
         while not round_.finished(time.monotonic()):
             # One receive per readiness: draining until a receive finds nothing would cost an exception (about
@@ -161,7 +164,15 @@ class Scatterer(_ScattererBase):
                     got = recv_frames(sock, _NOBLOCK)
                 except zmq.Again:  # not ours to take after all (a poll may wake for nothing)
                     continue
-                self._on_frames(got)
+                # A member's reply to this round, byte for byte as a zfabric replier writes it, is read by its
+                # bytes (Stamp.reply_body); anything else (an error, a late reply, foreign bytes) is decoded.
+                if (len(got) == 2 and got[0] in names
+                        and (answer := read(got[1], request_id)) is not _NOT_A_REPLY):
+                    stats.received += 1
+                    if round_.on_body(names[got[0]], answer, time.monotonic()):
+                        stats.replies += 1
+                else:
+                    self._on_frames(got)
         return self._finish(round_, reduce)
 
 
