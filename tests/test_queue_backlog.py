@@ -26,7 +26,7 @@ from zfabric import (
 from zfabric.patterns._backlog import BACKLOG_BATCH, BACKLOG_MAX, AsyncBacklog, Backlog
 from zfabric.patterns.queue import ProducerCounters
 
-from .conftest import Processes
+from .conftest import Processes, wait_until
 from .faces import Face
 
 SMALL = SocketOptions(send_hwm=5, receive_hwm=5)
@@ -205,6 +205,35 @@ def test_a_backlog_that_starts_and_empties_a_thousand_times_keeps_every_message_
     stats = producer.stats
     assert 0 < stats.backlogged < count and stats.batches_sent > 0  # both ways: through the backlog and straight
     assert stats.backlog_dropped == 0
+    assert backlog_threads() == []
+
+
+def test_a_flusher_woken_for_nothing_goes_back_to_sleep_ready_to_be_woken_again() -> None:
+    """A wake-up can find the backlog empty: the producer read `idle` before the message it woke the flusher
+    for went out. The flusher must then sleep as before, so that the next message still wakes it (it slept
+    with `idle` cleared once, and every later message waited behind a flusher nobody would wake: found by
+    the test above, in about 1 run of 15)."""
+    with zmq.Context() as ctx:
+        pull = ctx.socket(zmq.PULL)
+        pull.linger = 0
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push = ctx.socket(zmq.PUSH)
+        push.linger = 0
+        push.connect(f"tcp://127.0.0.1:{port}")
+        backlog = Backlog(push, "test", ProducerCounters())
+        with backlog.lock:
+            assert backlog.put([b"first"], timeout=1)  # starts the flusher, which sends it and goes to sleep
+        assert pull.poll(5000) and pull.recv() == b"first"
+        assert wait_until(lambda: backlog.idle)
+        with backlog.lock:
+            backlog._wake()  # late: the message it was for is gone
+        assert wait_until(lambda: backlog.idle)  # asleep again, and saying so
+        assert backlog.take(b"second")
+        assert pull.poll(5000), "the flusher slept through a message"
+        assert pull.recv() == b"second"
+        assert backlog.close(1) == 0
+        push.close()
+        pull.close()
     assert backlog_threads() == []
 
 

@@ -183,13 +183,16 @@ class Backlog:
         waiting, popleft = self.waiting, self.waiting.popleft
         while True:
             with self.lock:
-                if not waiting:
+                while not waiting:
+                    # `idle` is set before `waiting` is looked at again, on every turn (a wake-up may find nothing
+                    # new: one that was due to a message taken out since): `take` appends, then reads `idle`.
                     self.idle = True
+                    if waiting:
+                        break
                     self._changed.notify_all()  # close() waits for this
-                    while not waiting:  # looked at again after `idle` is set: `take` appends, then reads `idle`
-                        if self._give_up_at is not None:
-                            return
-                        self._changed.wait()
+                    if self._give_up_at is not None:
+                        return
+                    self._changed.wait()
                 self.idle = False
                 items = [popleft() for _ in range(len(waiting))]  # the owner may append meanwhile: those stay
                 mixed, self._bytes, self._mixed = self._mixed, 0, False
