@@ -14,6 +14,8 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -74,8 +76,9 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-RAW_QUEUES = ("raw", "raw-msgpack")
-"""The raw queue actors: a bytes body as it is, or msgpack-encoded as every other body."""
+RAW_QUEUES = ("raw", "raw-msgpack", "zf-codec")
+"""The queue actors on plain pyzmq sockets: a bytes body as it is, msgpack-encoded as every other body, or
+through zfabric's codec alone (its encode and decode, none of its classes: `benchmarks/codec_ceiling.py`)."""
 
 
 def _curve_keys(keys: str) -> tuple[Any, Any]:
@@ -92,8 +95,9 @@ def queue_pull(impl: str, count: int, size: int = 100, slow_every: int = 0, keys
     """Receive `count` messages; time from the first to the last. `slow_every`: sleep 1 ms every N messages.
 
     `raw-msgpack`: raw, with a bytes body msgpack-encoded too (issue 5's "no envelope, just msgpack"); plain
-    `raw` passes a bytes body as it is. With `keys` (a directory) the connection runs CURVE: raw sets the CURVE
-    options by hand, zfabric uses `SocketOptions(curve=...)` with its authenticator and allowlist.
+    `raw` passes a bytes body as it is; `zf-codec`: raw sockets with only zfabric's decode (a frame, then
+    `decode_message`), no Consumer around it. With `keys` (a directory) the connection runs CURVE: raw sets the
+    CURVE options by hand, zfabric uses `SocketOptions(curve=...)` with its authenticator and allowlist.
     """
     if impl in RAW_QUEUES:
         ctx = zmq.Context()
@@ -106,8 +110,12 @@ def queue_pull(impl: str, count: int, size: int = 100, slow_every: int = 0, keys
             sock.curve_publickey = server.public
         sock.bind(LOOPBACK)
         emit(endpoint=sock.getsockopt_string(zmq.LAST_ENDPOINT))
-        recv = sock.recv
-        unpack = msgpack.unpackb if size <= 1024 or impl == "raw-msgpack" else _identity
+        recv: Callable[[], Any] = sock.recv
+        unpack: Callable[[Any], Any] = msgpack.unpackb if size <= 1024 or impl == "raw-msgpack" else _identity
+        if impl == "zf-codec":
+            from zfabric.codec import decode_message
+
+            recv, unpack = partial(sock.recv, 0, False), decode_message
         unpack(recv())
         base = reset_peak()
         start = time.perf_counter()
@@ -187,7 +195,14 @@ def queue_push(impl: str, endpoint: str, count: int, size: int, batch: int = 0, 
         sock.connect(endpoint)
         base = reset_peak()
         send, pack = sock.send, msgpack.packb
-        if isinstance(body, bytes):
+        if impl == "zf-codec":  # one frame a message, as Producer.send writes it (bodies under 16 KiB)
+            from zfabric.codec import Stamp
+            from zfabric.envelope import IdSource
+
+            plain, now = Stamp(IdSource(), "").plain, time.time
+            for _ in range(count):
+                send(plain(body, now())[1])
+        elif isinstance(body, bytes):
             copy = len(body) < 65536  # zero-copy for a large body, as zfabric's own frames of one
             if impl == "raw-msgpack":
                 for _ in range(count):
