@@ -40,10 +40,11 @@ def _threads(pid: int) -> dict[int, tuple[str, float, int, int]]:
             status = (task / "status").read_text()
         except OSError:  # the thread, or the process, just ended
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
         switches = dict(line.split(":\t") for line in status.splitlines() if "ctxt_switches" in line)
-        found[int(task.name)] = (stat[stat.index("(") + 1 : stat.rindex(")")], (int(fields[11]) + int(fields[12])) / TICK,
-                                 int(switches["voluntary_ctxt_switches"]), int(switches["nonvoluntary_ctxt_switches"]))
+        cpu = (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+        found[int(task.name)] = (name, cpu, int(switches["voluntary_ctxt_switches"]),
+                                 int(switches["nonvoluntary_ctxt_switches"]))
     return found
 
 

@@ -154,7 +154,8 @@ def test_bench_quick_completes_and_prints_every_row(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     figures = [r["figure"] for r in rows]
     for expected in ("queue msgs/s, 100 B", "queue msgs/s, 100 B, tcp, asyncio faces", "queue msgs/s, 4 KiB",
-                     "queue msgs/s, 4 KiB, tcp, vs raw msgpack-encoding the body", "queue msgs/s, 256 KiB", "request-reply p50", "request-reply req/s, 100 in flight (request_many",
+                     "queue msgs/s, 4 KiB, tcp, vs raw msgpack-encoding the body", "queue msgs/s, 256 KiB",
+                     "request-reply p50", "request-reply req/s, 100 in flight (request_many",
                      "request-reply req/s, 100 in flight, one request per message", "scatter-gather p50, 3 members",
                      "scatter-gather p99, 10 members",
                      "pub/sub msgs/s per subscriber, 100 B, 1 sub", "pub/sub msgs/s per subscriber, 100 B, 3 sub",
