@@ -163,3 +163,14 @@ def test_bench_quick_completes_and_prints_every_row(tmp_path: Path) -> None:
         assert any(f.startswith(expected) for f in figures), f"no row {expected!r} in {figures}"
         assert expected in done.stdout
     assert all(r["zf"] is not None or r["note"] for r in rows)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("impl", ["raw-msgpack", "zf-codec"])
+def test_the_extra_queue_actors_of_the_benchmark_deliver_every_message(impl: str) -> None:
+    """`raw-msgpack` (the 4 KiB row against raw as issue 5 words it) and `zf-codec` (benchmarks/codec_ceiling.py):
+    the consumer ends only once it has received every message; one it cannot decode ends it with an error."""
+    from zfabric.bench.suite import queue_rate
+
+    rate, peak_mb = queue_rate(impl, 2_000, 4096)
+    assert rate > 0 and peak_mb > 0
