@@ -174,3 +174,14 @@ def test_the_extra_queue_actors_of_the_benchmark_deliver_every_message(impl: str
 
     rate, peak_mb = queue_rate(impl, 2_000, 4096)
     assert rate > 0 and peak_mb > 0
+
+
+def test_the_cli_imports_a_commands_library_parts_only_when_that_command_runs() -> None:
+    """Loading the CLI (what `zfabric --help` and the start of every command pay) imports no pattern, no topology
+    loader or YAML, no sidecar service or client and no ZeroMQ: it took 0.7 s when it imported everything."""
+    heavy = ("zfabric.patterns", "zfabric.topology", "zfabric.bench", "zfabric.sidecar.service", "zfabric.sidecar.client",
+             "yaml", "zmq")
+    code = f"import sys, zfabric.cli; print(sorted(m for m in sys.modules if m.startswith({heavy!r})))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

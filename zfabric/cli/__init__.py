@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 
-from .. import __version__
 from . import (
     bench,
     dlq,
@@ -35,6 +34,8 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
+        from .. import __version__
+
         typer.echo(f"zfabric {__version__}")
         raise typer.Exit()
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from ..bench.suite import Row, machine, run_suite
 from ..errors import ConfigError
 from ._common import fabric_errors
+
+if TYPE_CHECKING:
+    from ..bench.suite import Row
 
 GROUPS = ("queue", "curve", "reqrep", "scatter", "pubsub", "reliable", "memory")
 
@@ -55,6 +57,8 @@ def bench(
 
     Example:  zfabric bench --quick
     """
+    from ..bench.suite import machine, run_suite
+
     groups = None
     if only:
         groups = {g.strip() for g in only.split(",") if g.strip()}

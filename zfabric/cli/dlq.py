@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,15 +24,12 @@ from rich.progress import (
 from rich.table import Table
 
 from ..errors import ConfigError
-from ..sidecar.client import (
-    DeadLetterAccess,
-    OfflineDeadLetters,
-    SidecarClient,
-    iter_dead_letters,
-)
 from ..sidecar.config import DEFAULT_SIDECAR_ENDPOINT
-from ..sidecar.store import DeadLetterFilter, MessageRecord
 from ._common import dumps, fabric_errors, sidecar_client
+
+if TYPE_CHECKING:
+    from ..sidecar.client import DeadLetterAccess
+    from ..sidecar.store import DeadLetterFilter, MessageRecord
 
 app = typer.Typer(help="Inspect and replay dead letters (against a running sidecar, or its --store file).",
                   no_args_is_help=True)
@@ -70,6 +67,8 @@ def parse_time(text: str | None, option: str) -> float | None:
 
 def make_filter(queue: str | None, error_type: str | None, since: str | None, until: str | None,
                 ids: list[str] | None, limit: int | None = None) -> DeadLetterFilter:
+    from ..sidecar.store import DeadLetterFilter
+
     raw_ids = None
     if ids:
         try:
@@ -84,6 +83,8 @@ def make_filter(queue: str | None, error_type: str | None, since: str | None, un
 def access(endpoint: str | None, store: Path | None, topology: Path | None = None,
            sidecar: str | None = None) -> Iterator[DeadLetterAccess]:
     """A running sidecar over its control endpoint (found in a topology, with its keys), or a stopped one's store."""
+    from ..sidecar.client import OfflineDeadLetters, SidecarClient
+
     if sum(x is not None for x in (endpoint, store, topology)) > 1:
         raise ConfigError("give --endpoint (a running sidecar), --topology (find it there) or --store "
                           "(a stopped one's file), not both")
@@ -126,6 +127,8 @@ def list_(endpoint: EndpointOpt = None, store: StoreOpt = None, topology: Topolo
 
     Example:  zfabric dlq list --queue orders --since 1h
     """
+    from ..sidecar.store import DeadLetterFilter
+
     flt = make_filter(queue, error_type, since, until, None, limit)
     with access(endpoint, store, topology, sidecar) as dl:
         records = dl.dead_letters(flt, history=True)
@@ -186,6 +189,8 @@ def replay(endpoint: EndpointOpt = None, store: StoreOpt = None, topology: Topol
 
     Example:  zfabric dlq replay --queue orders --error-type TimeoutError --rate 100
     """
+    from ..sidecar.store import DeadLetterFilter
+
     flt = make_filter(queue, error_type, since, until, message_id)
     replayed, not_served = 0, set()
     with access(endpoint, store, topology, sidecar) as dl:
@@ -244,6 +249,8 @@ def export(endpoint: EndpointOpt = None, store: StoreOpt = None, topology: Topol
 
     Example:  zfabric dlq export --queue orders -o orders-dead.jsonl
     """
+    from ..sidecar.client import iter_dead_letters
+
     flt = make_filter(queue, error_type, since, until, message_id)
     out: Any = open(output, "w") if output is not None else sys.stdout
     n = 0

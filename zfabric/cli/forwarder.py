@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,8 +14,10 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB, SocketOptions
-from ..patterns.forwarder import Forwarder
 from ._common import RateView, fabric_errors, topology_part
+
+if TYPE_CHECKING:
+    from ..patterns.forwarder import Forwarder
 
 
 class CountersView:
@@ -64,6 +66,8 @@ def forwarder(
     Example:  zfabric forwarder --xsub tcp://127.0.0.1:5559 --xpub tcp://127.0.0.1:5560
               zfabric forwarder --topology topologies/shop.yaml --name events
     """
+    from ..patterns.forwarder import Forwarder
+
     if topology is not None:
         if (xsub, xpub) != (DEFAULT_FORWARDER_XSUB, DEFAULT_FORWARDER_XPUB) or hwm is not None:
             raise ConfigError("--topology gives the forwarder's addresses and options; leave out --xsub, --xpub and --hwm")

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from ..security.keys import PUBLIC_SUFFIX, generate, load_public
 from ._common import fabric_errors
 
 app = typer.Typer(no_args_is_help=True, help="Create and show CURVE key pairs (for CURVE-secured fabrics).")
@@ -24,6 +23,8 @@ def generate_cmd(
 
     Example:  zfabric keys generate checkout --dir keys/
     """
+    from ..security.keys import PUBLIC_SUFFIX, generate
+
     pair = generate(name, directory, overwrite=force)
     typer.echo(f"wrote {directory / (name + PUBLIC_SUFFIX)} (public) and {directory / (name + '.key_secret')} (secret, 0600)")
     typer.echo(f"public key: {pair.public.decode()}")
@@ -38,5 +39,7 @@ def show(
 
     Example:  zfabric keys show keys/checkout.key
     """
+    from ..security.keys import load_public
+
     pair = load_public(key)
     typer.echo(f"{pair.name} {pair.public.decode()}")

@@ -8,7 +8,6 @@ import typer
 
 from ..errors import ReadyTimeout
 from ..options import DEFAULT_FORWARDER_XPUB, DEFAULT_FORWARDER_XSUB
-from ..patterns.pubsub import Publisher, Subscriber
 from ._common import err_console, fabric_errors, payloads, show
 
 
@@ -26,6 +25,8 @@ def pub(
 
     Example:  zfabric pub sales.eu '{"order": 42, "total": 9.5}'
     """
+    from ..patterns.pubsub import Publisher
+
     with Publisher(endpoint, bind=bind) as publisher:
         if wait_subscribers > 0:
             try:
@@ -51,6 +52,8 @@ def sub(
 
     Example:  zfabric sub sales. --count 10
     """
+    from ..patterns.pubsub import Subscriber
+
     with Subscriber(endpoint, topics=topics) as subscriber:
         try:
             subscriber.wait_ready(timeout=5.0)

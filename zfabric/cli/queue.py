@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from ..patterns.queue import Consumer, Producer
 from ._common import err_console, fabric_errors, payloads, show
 
 
@@ -22,6 +21,8 @@ def push(
 
     Example:  echo '{"job": 1}' | zfabric push -e tcp://127.0.0.1:5570
     """
+    from ..patterns.queue import Producer
+
     with Producer(endpoint, bind=bind, send_timeout=timeout) as producer:
         count = 0
         for body in payloads(payload, as_text=text):
@@ -42,6 +43,8 @@ def pull(
 
     Example:  zfabric pull -e tcp://127.0.0.1:5570 --count 1
     """
+    from ..patterns.queue import Consumer
+
     with Consumer(endpoint, bind=not connect) as consumer:
         err_console.print(f"pulling from {consumer.endpoint}")
         received = 0

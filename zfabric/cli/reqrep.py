@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from ..envelope import Envelope
-from ..patterns.reqrep import Replier, Requester
 from ._common import dumps, err_console, fabric_errors, payloads
 
 
@@ -25,6 +24,8 @@ def request(
 
     Example:  zfabric request tcp://127.0.0.1:5580 '{"sku": "A-1"}'
     """
+    from ..patterns.reqrep import Requester
+
     with Requester(service, timeout=timeout, retries=retries) as requester:
         for body in payloads(payload, as_text=text):
             typer.echo(dumps(requester.request(body)))
@@ -40,6 +41,8 @@ def echo(
 
     Example:  zfabric echo -e tcp://127.0.0.1:5580
     """
+    from ..patterns.reqrep import Replier
+
 
     def handle(env: Envelope) -> object:
         if delay:

@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from ..errors import ConfigError
-from ..patterns.scatter import Scatterer
 from ._common import dumps, fabric_errors, parse_payload
 
 
@@ -33,6 +32,8 @@ def scatter(
 
     Example:  zfabric scatter '{"sku": "A-1"}' --member a=tcp://127.0.0.1:5581 --member b=tcp://127.0.0.1:5582 --quorum 1
     """
+    from ..patterns.scatter import Scatterer
+
     body = parse_payload(payload, as_text=text)
     with Scatterer(_members(member), deadline=deadline, quorum=quorum) as scatterer:
         result = scatterer.scatter(body)

@@ -14,11 +14,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ..errors import ConfigError
-from ..sidecar.client import SidecarClient
 from ..sidecar.config import DEFAULT_SIDECAR_ENDPOINT, SidecarConfig
-from ..sidecar.ledger import GAUGES
-from ..sidecar.policy import RetryPolicy
-from ..sidecar.service import Sidecar
 from ._common import RateView, fabric_errors, sidecar_client, topology_part
 
 app = typer.Typer(no_args_is_help=False)
@@ -28,6 +24,8 @@ Endpoint = Annotated[str, typer.Option("--endpoint", "-e", envvar="ZFABRIC_SIDEC
 
 def counters_table(snap: dict[str, Any], view: RateView | None = None) -> Table:
     """A sidecar snapshot as a rich table (rates per second when `view` tracks them)."""
+    from ..sidecar.ledger import GAUGES
+
     table = Table(title=f"sidecar  {snap.get('endpoint', '')}  store={snap.get('store', '')}")
     table.add_column("counter")
     table.add_column("total", justify="right")
@@ -70,6 +68,9 @@ def sidecar(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from ..sidecar.policy import RetryPolicy
+    from ..sidecar.service import Sidecar
+
     if topology is not None:
         if config is not None or queue or store:
             raise ConfigError("--topology gives the sidecar's queues, store and policies; leave out --config, --queue and --store")
@@ -132,6 +133,8 @@ def stats(
     Example:  zfabric sidecar stats --endpoint tcp://127.0.0.1:5580 --json
               ZFABRIC_IDENTITY=ops zfabric sidecar stats --topology shop.yaml
     """
+    from ..sidecar.client import SidecarClient
+
     client = (sidecar_client(topology, name, timeout) if topology is not None
               else SidecarClient(endpoint, timeout=timeout, options=None))
     with client:

@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,11 +16,10 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import ConfigError, TopologyError
-from ..topology.graph import mermaid
-from ..topology.load import load_topology
-from ..topology.model import Topology
-from ..topology.supervisor import Supervisor, ask_status
 from ._common import EXIT_ERROR, err_console, fabric_errors
+
+if TYPE_CHECKING:
+    from ..topology.model import Topology
 
 TopologyFile = Annotated[Path, typer.Argument(help="A topology YAML file (see docs/topologies.md).")]
 
@@ -41,6 +40,8 @@ def validate(
 
     Example:  zfabric validate topologies/*.yaml
     """
+    from ..topology.load import load_topology
+
     bad = 0
     for path in files:
         try:
@@ -99,6 +100,8 @@ def up(
 
     Example:  zfabric up topologies/shop.yaml
     """
+    from ..topology.supervisor import Supervisor
+
     sup = Supervisor(file, host=host, backoff_cap=backoff_cap)
     if not sup.components:
         raise ConfigError(f"{file} declares no forwarders or sidecars{' on host ' + host if host else ''}: nothing to start")
@@ -140,6 +143,9 @@ def status(
 
     Example:  zfabric status topologies/shop.yaml --json
     """
+    from ..topology.load import load_topology
+    from ..topology.supervisor import ask_status
+
     topology = load_topology(file)
     assert topology.control is not None
     report = ask_status(topology.control, timeout=timeout)
@@ -163,5 +169,8 @@ def graph(
 
     Example:  zfabric graph topologies/shop.yaml --markdown >> docs/shop.md
     """
+    from ..topology.graph import mermaid
+    from ..topology.load import load_topology
+
     text = mermaid(load_topology(file), addresses=addresses)
     typer.echo(f"```mermaid\n{text}```" if markdown else text.rstrip("\n"))
