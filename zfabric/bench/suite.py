@@ -64,7 +64,7 @@ class Row:
 
 @dataclass(frozen=True)
 class Plan:
-    """How much traffic each measurement moves; `quick` is a smoke run of a few seconds."""
+    """How much traffic each measurement moves; `quick` is a smoke run (about 15 s)."""
 
     quick: bool
     repeat: int

@@ -46,7 +46,7 @@ def results_table(rows: list[Row], title: str) -> Table:
 
 @fabric_errors
 def bench(
-    quick: Annotated[bool, typer.Option("--quick", help="A smoke run of a few seconds (small counts, no repeats).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A smoke run, about 15 s (small counts, no repeats).")] = False,
     only: Annotated[str | None, typer.Option(help=f"Comma-separated groups: {', '.join(GROUPS)}.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write the results as JSON here.")] = None,
 ) -> None:
